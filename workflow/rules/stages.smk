@@ -1,0 +1,32 @@
+# Snakemake rules built from bnnpan's stage list (bnnpan/pipeline/stages.py).
+# Each rule is defined inside a function called once per stage: a `rule:` written directly
+# in a `for` loop binds the loop variable late, so every rule would run the last stage's
+# command. Every rule runs exactly the command dvc.yaml runs for the same stage.
+
+from bnnpan.config import Params
+from bnnpan.pipeline import build_stages
+
+# `config` is params.yaml (configfile in the Snakefile), validated like everywhere else.
+_STAGES = build_stages(Params.model_validate(config))
+ALL_OUTPUTS = [o for s in _STAGES for o in s.outs]
+
+
+def _stage_rule(stage):
+    # Directories in the repo (code) and outputs of other stages are both plain inputs.
+    rule:
+        name:
+            stage.name
+        input:
+            [d for d in stage.deps],
+        output:
+            [directory(o) for o in stage.outs],
+        log:
+            f"logs/{stage.name}.log",
+        resources:
+            **stage.resources,
+        shell:
+            stage.shell + " > {log} 2>&1"
+
+
+for _s in _STAGES:
+    _stage_rule(_s)
