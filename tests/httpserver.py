@@ -121,13 +121,13 @@ class _Handler(BaseHTTPRequestHandler):
                     chunk = f.read(min(1 << 16, todo - sent))
                     if not chunk:
                         break
+                    # Counted before the write, so a client never sees bytes not yet counted.
+                    owner._count(url_path, len(chunk))
                     self.wfile.write(chunk)
                     sent += len(chunk)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client hung up (GDAL often does once it has what it needs)
-        finally:
-            owner._count(url_path, sent)
+            pass  # the client hung up
         if cut is not None and cut < length:
             self.close_connection = True
             try:

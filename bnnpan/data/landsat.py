@@ -180,31 +180,44 @@ def _smooth121(a: np.ndarray) -> np.ndarray:
 
 
 def estimate_pan_offset(
-    pan: np.ndarray, ms_ref: np.ndarray, ratio: int, nodata: float | None = 0.0
+    pan: np.ndarray,
+    ms_ref: np.ndarray,
+    ratio: int,
+    nodata: float | None = 0.0,
+    max_ms_size: int = 1024,
 ) -> dict[str, Any]:
     """Integer PAN index (dy, dx) whose pixel centre is MS pixel (0, 0)'s centre.
 
-    For every candidate in ``range(-ratio, ratio + 1)`` squared, PAN smoothed with the
-    separable [0.25, 0.5, 0.25] kernel is sampled at ``(ratio*i + dy, ratio*j + dx)`` on the
-    MS interior (the same MS pixels for every candidate, nodata dropped) and correlated
-    (Pearson) with ``ms_ref`` (the mean of the MS bands the PAN covers). Returns
-    ``{"offset": (dy, dx), "correlation": r, "runner_up": (dy, dx), "runner_up_correlation": r2}``.
+    ``ms_ref`` is the MS bands the PAN covers, (C, h, w) (averaged) or already (h, w). For
+    every candidate in ``range(-ratio, ratio + 1)`` squared, PAN smoothed with the separable
+    [0.25, 0.5, 0.25] kernel is sampled at ``(ratio*i + dy, ratio*j + dx)`` on the MS interior
+    (the same MS pixels for every candidate, nodata dropped) and correlated (Pearson) with the
+    band mean. Large scenes use a central window of at most ``max_ms_size`` MS pixels a side.
+    Returns ``{"offset": (dy, dx), "correlation": r, "runner_up": (dy, dx),
+    "runner_up_correlation": r2}``.
     """
     R = int(ratio)
+    stack = ms_ref if ms_ref.ndim == 3 else ms_ref[None]
+    _, h, w = stack.shape
+    # Central window: MS rows/cols [a, a + n) and the PAN rows/cols from R * a on.
+    ia, ja = max(0, (h - max_ms_size) // 2), max(0, (w - max_ms_size) // 2)
+    stack = stack[:, ia : ia + max_ms_size, ja : ja + max_ms_size]
+    pan = pan[R * ia : R * (ia + max_ms_size) + R, R * ja : R * (ja + max_ms_size) + R]
+    _, h, w = stack.shape
     H, W = pan.shape
-    h, w = ms_ref.shape
     s = _smooth121(pan.astype(np.float64))
     # MS rows i with R*i + dy inside [1, H - 2] for every dy in [-R, R] (smoothing border out).
     i0, j0 = -(-(R + 1) // R), -(-(R + 1) // R)
     i1, j1 = min(h, (H - 2 - R) // R + 1), min(w, (W - 2 - R) // R + 1)
     if i1 - i0 < 3 or j1 - j0 < 3:
         raise SceneError(
-            f"PAN {pan.shape} and MS {ms_ref.shape} too small to estimate the PAN offset"
+            f"PAN {pan.shape} and MS {stack.shape[1:]} too small to estimate the PAN offset"
         )
-    ref = ms_ref[i0:i1, j0:j1].astype(np.float64)
-    valid = np.isfinite(ref)
+    sub = stack[:, i0:i1, j0:j1].astype(np.float64)
+    ref = sub.mean(axis=0)
+    valid = np.all(np.isfinite(sub), axis=0)
     if nodata is not None:
-        valid &= ref != nodata
+        valid &= ~np.all(sub == nodata, axis=0)
     results = []
     for dy in range(-R, R + 1):
         for dx in range(-R, R + 1):
@@ -384,7 +397,7 @@ def load_landsat_tar(cfg: LandsatTarScene, ctx: FetchContext) -> RawScene:
                 f"{cell_ratio}, sensor {sensor.name} needs {sensor.ratio}"
             )
         if cfg.pan_offset == "auto":
-            ref = np.mean([arrays[b].astype(np.float64) for b in PAN_COVERED], axis=0)
+            ref = np.stack([arrays[b] for b in PAN_COVERED])
             est = estimate_pan_offset(arrays[PAN_BAND], ref, sensor.ratio, cfg.nodata)
             if not est["correlation"] > 0.8:
                 raise SceneError(

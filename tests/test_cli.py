@@ -1,0 +1,65 @@
+"""The CLI: --help everywhere, one-line errors with exit status 2 on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bnnpan.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("cmd", [[], ["fetch"], ["prepare"], ["run"], ["ui"], ["dag"], ["dag", "write"],
+                                 ["dag", "check"], ["dag", "show"]])
+def test_help(cmd):
+    r = runner.invoke(app, [*cmd, "--help"])
+    assert r.exit_code == 0 and "Usage" in r.output
+    if cmd:
+        assert "--params" in r.output or cmd in (["ui"], ["dag"])
+
+
+def test_unknown_param_key_is_one_line_error(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["datasets"]["landsat8"]["patchsize"] = 64
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["prepare", "--params", str(p)])
+    assert r.exit_code == 2
+    assert "error:" in r.output and "patchsize" in r.output and "Traceback" not in r.output
+
+
+def test_unknown_scene_and_missing_raw_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    r = runner.invoke(app, ["fetch", "--scene", "nope"])
+    assert r.exit_code == 2 and "unknown scene" in r.output
+    r = runner.invoke(app, ["prepare", "--no-track"])
+    assert r.exit_code == 2 and "no scene.json" in r.output and "Traceback" not in r.output
+
+
+def test_fetch_and_prepare_with_another_params_file(tmp_path, monkeypatch):
+    """--params runs the same stages on another file, without touching the default one."""
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["paths"] = {"raw": "alt/raw", "prepared": "alt/prepared", "downloads": "alt/dl"}
+    data["datasets"]["landsat8"]["stride"] = 64
+    (tmp_path / "alt.yaml").write_text(yaml.safe_dump(data))
+    assert runner.invoke(app, ["fetch", "--params", "alt.yaml", "--no-track"]).exit_code == 0
+    r = runner.invoke(app, ["prepare", "--params", "alt.yaml", "--no-track"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "alt/prepared/landsat8/manifest.json").is_file()
+    assert not (tmp_path / "data").exists()
+
+
+def test_dag_check_detects_stale_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    assert runner.invoke(app, ["dag", "write"]).exit_code == 0
+    assert runner.invoke(app, ["dag", "check"]).exit_code == 0
+    (tmp_path / "dvc.yaml").write_text((tmp_path / "dvc.yaml").read_text().replace("landsat8", "other"))
+    assert runner.invoke(app, ["dag", "check"]).exit_code == 1
