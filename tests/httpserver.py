@@ -101,7 +101,8 @@ class _Handler(BaseHTTPRequestHandler):
         # Log before answering: a client that got its answer must find its request logged.
         owner._log(Request(self.command, url_path, rng, status))
         self.send_response(status)
-        self.send_header("Content-Type", _TYPES.get(file.suffix.lower(), "application/octet-stream"))
+        ctype = _TYPES.get(file.suffix.lower(), "application/octet-stream")
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", f'"{st.st_mtime_ns:x}-{size:x}"')
@@ -209,7 +210,8 @@ class RangeHTTPServer:
         """Requests seen for ``path`` (optionally only one method)."""
         p = "/" + path.lstrip("/")
         with self._lock:
-            return [r for r in self.requests if r.path == p and (method is None or r.method == method)]
+            return [r for r in self.requests
+                    if r.path == p and (method is None or r.method == method)]
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -218,7 +220,7 @@ class RangeHTTPServer:
 
     # -- fault injection -------------------------------------------------------------
     def fail_next(self, n: int = 1, status: int = 503, path: str | None = None) -> None:
-        """Answer the next ``n`` requests (for ``path``, or any path) with ``status`` and no body."""
+        """Answer the next ``n`` requests (for ``path``, or any) with ``status`` and no body."""
         p = None if path is None else "/" + path.lstrip("/")
         with self._lock:
             self._failures.extend([(status, p)] * n)

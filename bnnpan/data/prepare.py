@@ -33,9 +33,10 @@ import json
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -267,7 +268,7 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
                 f"{buckets[split].dropped} dropped for nodata) - check roles and sizes"
             )
     # The same tile side everywhere in a file (different scenes may allow different sizes).
-    for key, split in (("test_tile", "test_rr"), ("fr_tile", "test_fr")):
+    for key in ("test_tile", "fr_tile"):
         if len(set(tiles[key])) > 1:
             raise SceneError(f"dataset {dataset}: scenes allow different {key} sizes {tiles[key]}; "
                              f"set {key} to {min(tiles[key])}")

@@ -74,7 +74,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def check_bands(n_bands: int, sensor: Sensor, bands: list[str] | tuple[str, ...] | None, what: str) -> tuple[str, ...]:
     """Validate the MS band count against the declared bands (default: all sensor bands)."""
-    names, _ = sensor.select(bands)
+    try:
+        names, _ = sensor.select(bands)
+    except ValueError as e:
+        raise SceneError(f"{what}: {e}") from None
     if n_bands != len(names):
         hint = "" if bands else "; declare `bands:` in params.yaml to use a subset"
         raise SceneError(
@@ -103,7 +106,10 @@ def coregister(scene: RawScene, what: str = "scene") -> RawScene:
     # Sources reading PAN and MS from separate files put the MS CRS in extra["ms_crs"].
     extra_in = dict(scene.extra)
     pan_crs, ms_crs = scene.crs, extra_in.pop("ms_crs", scene.crs)
-    if (pan_crs is None) != (ms_crs is None) or (pan_crs is not None and CRS.from_user_input(pan_crs) != CRS.from_user_input(ms_crs)):
+    same = (pan_crs is None and ms_crs is None) or (
+        pan_crs is not None and ms_crs is not None and CRS.from_user_input(pan_crs) == CRS.from_user_input(ms_crs)
+    )
+    if not same:
         raise SceneError(f"{what}: PAN and MS have different CRS ({pan_crs} vs {ms_crs})")
     pa, pe = _pixel_size(scene.pan_transform)
     ma, me = _pixel_size(scene.ms_transform)
@@ -144,7 +150,7 @@ def coregister(scene: RawScene, what: str = "scene") -> RawScene:
     pan_t = Affine(ms_t.a / r, 0.0, ms_t.c, 0.0, ms_t.e / r, ms_t.f)
     extra = extra_in
     extra.update(
-        residual_shift_pan_px=[round(res_r, 4), round(res_c, 4)],
+        residual_shift_pan_px=[round(res_r, 4) + 0.0, round(res_c, 4) + 0.0],
         ms_crop=[int(r0), int(r1), int(c0), int(c1)],
         pan_pixel_size_declared=[pa, pe],
     )
@@ -245,7 +251,7 @@ def read_raw_scene(scene_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict[
             pan = ds.read(1).astype(np.float64)
         with rasterio.open(scene_dir / "ms.tif") as ds:
             ms = ds.read().astype(np.float64)
-    except rasterio.errors.RasterioIOError as e:
+    except rasterio.errors.RasterioError as e:
         raise SceneError(f"{scene_dir}: cannot read raster: {e}") from None
     sensor = get_sensor(meta["sensor"])
     if pan.shape != (ms.shape[1] * sensor.ratio, ms.shape[2] * sensor.ratio):

