@@ -56,6 +56,15 @@ def _progress() -> Progress:
                     console=console, transient=False, disable=not console.is_terminal and "CI" in os.environ)
 
 
+def _select(asked: list[str] | None, defined: dict[str, Any], kind: str, params: Path) -> list[str]:
+    """The names asked for (default: all defined); an unknown one is a ConfigError."""
+    names = asked or list(defined)
+    unknown = [n for n in names if n not in defined]
+    if unknown:
+        raise ConfigError(f"{params}: unknown {kind}(s) {unknown}; defined: {sorted(defined)}")
+    return names
+
+
 @app.command()
 @_errors
 def fetch(
@@ -72,10 +81,7 @@ def fetch(
     from bnnpan.data.sources import fetch_scene
 
     p = load_params(params)
-    names = scene or list(p.scenes)
-    unknown = [n for n in names if n not in p.scenes]
-    if unknown:
-        raise ConfigError(f"{params}: unknown scene(s) {unknown}; defined: {sorted(p.scenes)}")
+    names = _select(scene, p.scenes, "scene", params)
     ctx = FetchContext(downloads=Path(p.paths.downloads), progress=console.is_terminal)
     for n in names:
         out = Path(p.paths.raw) / n
@@ -106,13 +112,10 @@ def prepare(
     from bnnpan.data.prepare import prepare_dataset
 
     p = load_params(params)
-    names = dataset or list(p.datasets)
-    unknown = [n for n in names if n not in p.datasets]
-    if unknown:
-        raise ConfigError(f"{params}: unknown dataset(s) {unknown}; defined: {sorted(p.datasets)}")
+    names = _select(dataset, p.datasets, "dataset", params)
     for n in names:
         with _progress() as prog:
-            task = prog.add_task(f"prepare {n}", total=len(p.datasets[n].scenes))
+            task = prog.add_task(f"prepare {n}", total=None)
 
             def cb(msg: str, done: int, total: int, _t: Any = task) -> None:
                 prog.update(_t, description=f"prepare {msg}", completed=done, total=total)

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +92,7 @@ class ResumableHTTPDownloader:
     ``Range: bytes=<size>-``: a ``206`` answer is appended, a ``200`` (server without range
     support) restarts from scratch. On success the complete file is moved to
     ``output_file`` and its sha256 is kept in :attr:`last_sha256` (pooch then verifies it).
-    ``file://`` URLs are copied (no HTTP). ``progress`` draws a tqdm bar on stderr.
+    ``file://`` URLs are copied (no HTTP). ``progress`` draws a rich progress bar on stderr.
     """
 
     def __init__(
@@ -207,25 +206,43 @@ def _content_range_total(value: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-class _NoBar:
-    def __enter__(self) -> _NoBar:
+class _Bar:
+    """A rich download bar (bytes, speed, ETA) on stderr; a no-op when progress is off."""
+
+    def __init__(self, on: bool, total: int | None, initial: int, url: str) -> None:
+        self._progress = None
+        if on:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            name = urlparse(url).path.rsplit("/", 1)[-1] or url
+            self._progress = Progress(TextColumn(name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                      TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self._task = self._progress.add_task(name, total=total, completed=initial)
+
+    def __enter__(self) -> _Bar:
+        if self._progress is not None:
+            self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        if self._progress is not None:
+            self._progress.stop()
 
     def update(self, n: int) -> None:
-        return None
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
 
 
-def _progress_bar(on: bool, total: int | None, initial: int, url: str) -> Any:
-    if not on:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    name = urlparse(url).path.rsplit("/", 1)[-1] or url
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name, leave=False,
-                file=sys.stderr, ascii=sys.platform == "win32", ncols=79)
+def _progress_bar(on: bool, total: int | None, initial: int, url: str) -> _Bar:
+    return _Bar(on, total, initial, url)
 
 
 def resolve(loc: Location, ctx: FetchContext, what: str = "file") -> tuple[Path, dict[str, Any]]:

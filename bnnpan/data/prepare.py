@@ -28,11 +28,8 @@ footprint.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +41,7 @@ import bnnpan
 from bnnpan.config import DatasetConfig, Params
 from bnnpan.data import wald
 from bnnpan.data.hdf5io import write_h5
-from bnnpan.data.scene import SceneError, read_raw_scene
+from bnnpan.data.scene import SceneError, atomic_dir, nodata_mask, read_raw_scene, sha256_file
 from bnnpan.sensors import get_sensor
 
 SPLITS = ("train", "valid", "test_rr", "test_fr")
@@ -122,13 +119,10 @@ class _Bucket:
 
 
 def _nodata_mask(pan: np.ndarray, ms: np.ndarray, nodata: float | None, ratio: int) -> np.ndarray:
-    """Nodata on the MS grid: all MS bands == nodata, or any PAN pixel under it == nodata."""
-    if nodata is None:
-        return np.zeros(ms.shape[1:], dtype=bool)
-    m = np.all(ms == nodata, axis=0)
+    """Nodata on the MS grid: all MS bands nodata, or any PAN pixel under the MS pixel nodata."""
     h, w = ms.shape[1:]
-    p = (pan[: h * ratio, : w * ratio] == nodata).reshape(h, ratio, w, ratio).any(axis=(1, 3))
-    return m | p
+    m = nodata_mask(pan[: h * ratio, : w * ratio], ms, ratio, nodata)
+    return m.reshape(h, ratio, w, ratio).any(axis=(1, 3))
 
 
 def _grid(n: int, size: int, stride: int) -> range:
@@ -195,21 +189,13 @@ def code_version() -> str:
     return f"bnnpan {bnnpan.__version__} ({sha})"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while b := fh.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
-
-
 def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = None,
                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Build ``train.h5``, ``valid.h5``, ``test_rr.h5``, ``test_fr.h5`` and ``manifest.json``.
 
     Everything is written into a temporary directory beside ``out_dir`` and renamed into
     place at the end, so an interrupted run leaves the previous result (or nothing).
-    ``progress(message, done, total)`` is called once per scene step.
+    ``progress(message, done, total)`` is called after each region is cut.
     """
     if dataset not in params.datasets:
         raise SceneError(f"unknown dataset {dataset!r}; params define {sorted(params.datasets)}")
@@ -220,9 +206,28 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
     sensor = None
     bands: list[str] | None = None
     tiles: dict[str, list[int]] = {"test_tile": [], "fr_tile": []}
+    # Plan every scene from its scene.json first (cheap), so the progress bar knows its total:
+    # one step per region, two for a test region (reduced + full resolution).
+    plans = []
+    for name in cfg.scenes:
+        scene_dir = Path(params.paths.raw) / name
+        if not (scene_dir / "scene.json").is_file():
+            raise SceneError(f"{scene_dir}: no scene.json (run `bnnpan fetch` first)")
+        m = json.loads((scene_dir / "scene.json").read_text())
+        ratio = get_sensor(m["sensor"]).ratio
+        plans.append(plan_regions(m["ms_shape"][1], m["ms_shape"][2], cfg.role(name), cfg, ratio, str(scene_dir)))
+    total = sum(len(r) + sum(x.split == "test" for x in r) for r, _, _ in plans)
+    done = 0
+
+    def step(msg: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(f"{dataset}: {msg}", done, total)
+
     for idx, name in enumerate(cfg.scenes):
         if progress:
-            progress(f"{dataset}: {name}", idx, len(cfg.scenes))
+            progress(f"{dataset}: reading {name}", done, total)
         scene_dir = Path(params.paths.raw) / name
         pan, ms, meta = read_raw_scene(scene_dir)
         s = get_sensor(meta["sensor"])
@@ -236,20 +241,24 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
         names, gains = s.select(meta["bands"])
         R = s.ratio
         role = cfg.role(name)
-        regions, T, F = plan_regions(ms.shape[1], ms.shape[2], role, cfg, R, str(scene_dir))
+        regions, T, F = plans[idx]
         mask = _nodata_mask(pan, ms, meta.get("nodata"), R)
         for reg in regions:
             if reg.split == "train":
                 _cut_reduced(buckets["train"], reg, pan, ms, mask, gains, s.pan_gain, R, cfg.patch,
                              cfg.stride, cfg.max_nodata_fraction, cfg, idx, meta["ms_transform"])
+                step(f"{name} train patches")
             elif reg.split == "valid":
                 _cut_reduced(buckets["valid"], reg, pan, ms, mask, gains, s.pan_gain, R, cfg.patch,
                              cfg.patch, cfg.max_nodata_fraction, cfg, idx, meta["ms_transform"])
+                step(f"{name} validation patches")
             else:
                 _cut_reduced(buckets["test_rr"], reg, pan, ms, mask, gains, s.pan_gain, R, T, T,
                              cfg.test_max_nodata_fraction, cfg, idx, meta["ms_transform"])
+                step(f"{name} reduced-resolution test tiles")
                 _cut_full(buckets["test_fr"], reg, pan, ms, mask, R, F, cfg.test_max_nodata_fraction,
                           idx, meta["pan_transform"])
+                step(f"{name} full-resolution test tiles")
         if T:
             tiles["test_tile"].append(T)
             tiles["fr_tile"].append(F)
@@ -286,17 +295,15 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
         "crs": {m["name"]: m["crs"] for m in scenes_meta}, "code_version": code_version(),
         "dataset": dataset, "settings": settings, "value_unit": "DN (divide by scale)",
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     files: dict[str, Any] = {}
-    try:
+    with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             b = buckets[split]
             arrays = {k: np.stack(v).astype(dtype) for k, v in b.arrays.items() if v}
             arrays["scene_index"] = np.asarray(b.scene_index, dtype=np.int16)
             arrays["window"] = np.asarray(b.window, dtype=np.int32)
             arrays["geotransform"] = np.asarray(b.geotransform, dtype=np.float64)
-            attrs = {**common, "split": split.split("_")[0] if split != "train" else "train",
+            attrs = {**common, "split": split.split("_")[0],
                      "resolution": "full" if split == "test_fr" else "reduced"}
             if split.startswith("test"):
                 attrs["geotransform"] = arrays["geotransform"].tolist() if len(b) <= 1000 else "see dataset"
@@ -304,7 +311,7 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
             files[f"{split}.h5"] = {
                 "n": len(b), "dropped_nodata": b.dropped,
                 "shapes": {k: list(v.shape) for k, v in arrays.items() if k in ("gt", "lms", "ms", "pan")},
-                "bytes": path.stat().st_size, "sha256": _sha256(path),
+                "bytes": path.stat().st_size, "sha256": sha256_file(path),
             }
         manifest = {
             "dataset": dataset, "sensor": sensor.name, "ratio": sensor.ratio, "scale": sensor.scale,
@@ -313,17 +320,6 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
             "split": "spatial: per-scene regions (role 'all') or whole scenes; see scenes[].regions",
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
-        progress(f"{dataset}: done", len(cfg.scenes), len(cfg.scenes))
+        progress(f"{dataset}: written to {out_dir}", total, total)
     return manifest

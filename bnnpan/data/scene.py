@@ -20,12 +20,14 @@ sibling and renamed into place, so a failed fetch never leaves a half-written sc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,42 @@ class RawScene:
     @property
     def ratio(self) -> int:
         return self.sensor.ratio
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out_dir``; on success swap it into place.
+
+    On an exception the temporary directory is removed and a previous ``out_dir`` is left
+    exactly as it was, so readers never see a half-written output.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def nodata_mask(pan: np.ndarray, ms: np.ndarray, ratio: int, nodata: float | None) -> np.ndarray:
+    """PAN-grid mask of nodata pixels: PAN == nodata, or every MS band == nodata (NaN allowed)."""
+    if nodata is None:
+        return np.zeros(pan.shape, dtype=bool)
+    if isinstance(nodata, float) and math.isnan(nodata):
+        pan_nd, ms_nd = np.isnan(pan), np.all(np.isnan(ms), axis=0)
+    else:
+        pan_nd, ms_nd = pan == nodata, np.all(ms == nodata, axis=0)
+    ms_up = np.repeat(np.repeat(ms_nd, ratio, axis=0), ratio, axis=1)
+    return pan_nd | ms_up
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -219,23 +257,11 @@ def write_raw_scene(scene: RawScene, out_dir: str | Path, name: str | None = Non
     """Write ``pan.tif``, ``ms.tif`` and ``scene.json`` atomically (temp dir, then rename)."""
     out_dir = Path(out_dir)
     name = name or out_dir.name
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_tif(tmp / "pan.tif", _storage_dtype(scene.pan), scene.pan_transform, scene.crs, scene.nodata, ("pan",))
         _write_tif(tmp / "ms.tif", _storage_dtype(scene.ms), scene.ms_transform, scene.crs, scene.nodata, scene.bands)
         meta = scene_metadata(scene, name)
         (tmp / "scene.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -49,6 +49,7 @@ from bnnpan.data.scene import (
     SceneError,
     check_bands,
     coregister,
+    nodata_mask,
     sha256_file,
     write_raw_scene,
 )
@@ -391,18 +392,6 @@ def describe(name: str, cfg: Any) -> str:
     else:
         files = src
     return f"scene {name} ({files})"
-
-
-def nodata_mask(pan: np.ndarray, ms: np.ndarray, ratio: int, nodata: float | None) -> np.ndarray:
-    """PAN-grid mask of nodata pixels: PAN == nodata, or every MS band == nodata."""
-    if nodata is None:
-        return np.zeros(pan.shape, dtype=bool)
-    if isinstance(nodata, float) and math.isnan(nodata):
-        pan_nd, ms_nd = np.isnan(pan), np.all(np.isnan(ms), axis=0)
-    else:
-        pan_nd, ms_nd = pan == nodata, np.all(ms == nodata, axis=0)
-    ms_up = np.repeat(np.repeat(ms_nd, ratio, axis=0), ratio, axis=1)
-    return pan_nd | ms_up
 
 
 def load_scene(name: str, cfg: Any, ctx: FetchContext) -> RawScene:
