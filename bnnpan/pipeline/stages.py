@@ -23,6 +23,9 @@ FETCH_CODE = ["bnnpan/data/sources.py", "bnnpan/data/landsat.py", "bnnpan/data/s
               "bnnpan/data/download.py", "bnnpan/data/scene.py", "bnnpan/sensors.py"]
 PREPARE_CODE = ["bnnpan/data/prepare.py", "bnnpan/data/wald.py", "bnnpan/data/hdf5io.py",
                 "bnnpan/data/scene.py", "bnnpan/sensors.py"]
+EVALUATE_CODE = ["bnnpan/eval/evaluate.py", "bnnpan/eval/metrics_rr.py", "bnnpan/eval/metrics_fr.py",
+                 "bnnpan/models/registry.py", "bnnpan/models/classical.py", "bnnpan/data/wald.py"]
+REPORT_CODE = ["bnnpan/report/build.py"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Stage:
     outs: tuple[str, ...]
     metrics: tuple[str, ...] = ()
     plots: tuple[str, ...] = ()
+    dirs: tuple[str, ...] = ()  # which outs/plots are directories (Snakemake's directory())
+    uncached: tuple[str, ...] = ()  # small outs kept in git, not the DVC cache (reports)
     resources: dict[str, Any] = field(default_factory=dict)
     desc: str = ""
 
@@ -60,6 +65,7 @@ def build_stages(params: Params) -> list[Stage]:
             deps=tuple(FETCH_CODE + local),
             params=(f"scenes.{name}",),
             outs=(f"{p.raw}/{name}",),
+            dirs=(f"{p.raw}/{name}",),
             desc=f"acquire scene {name} ({scene.source}) as co-registered pan.tif/ms.tif/scene.json",
         ))
     for name, ds in params.datasets.items():
@@ -69,9 +75,50 @@ def build_stages(params: Params) -> list[Stage]:
             deps=tuple(PREPARE_CODE + [f"{p.raw}/{s}" for s in ds.scenes]),
             params=(f"datasets.{name}",),
             outs=(f"{p.prepared}/{name}",),
+            dirs=(f"{p.prepared}/{name}",),
             desc=f"Wald-protocol train/valid/test HDF5 files for dataset {name}",
         ))
+    evaluated = params.evaluated()
+    _check_methods([m for _, m in evaluated])
+    report_deps: list[str] = []
+    for ds, method in evaluated:
+        out = f"{p.reports}/{ds}/{method}"
+        stages.append(Stage(
+            name=f"evaluate_{ds}_{method}",
+            cmd=("bnnpan", "evaluate", "--dataset", ds, "--method", method),
+            deps=tuple(EVALUATE_CODE + [f"{p.prepared}/{ds}"]),
+            params=("evaluate.border_cut", "evaluate.block", "evaluate.save_fused"),
+            outs=(f"{out}/fused", f"{out}/tiles.csv"),
+            metrics=(f"{out}/metrics.json",),
+            dirs=(f"{out}/fused",),
+            uncached=(f"{out}/tiles.csv",),
+            desc=f"reduced/full-resolution metrics of {method} on {ds}",
+        ))
+        report_deps += [f"{out}/metrics.json", f"{out}/tiles.csv", f"{out}/fused"]
+    if evaluated:
+        datasets = sorted({d for d, _ in evaluated})
+        stages.append(Stage(
+            name="report",
+            cmd=("bnnpan", "report"),
+            deps=tuple(REPORT_CODE + report_deps + [f"{p.prepared}/{d}" for d in datasets]),
+            params=("report",),
+            outs=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
+            plots=(f"{p.reports}/figures",),
+            dirs=(f"{p.reports}/figures",),
+            uncached=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
+            desc="summary.md, metrics.csv and figures for every evaluated method",
+        ))
     return stages
+
+
+def _check_methods(methods: list[str]) -> None:
+    from bnnpan.config import ConfigError
+    from bnnpan.models.registry import known_methods
+
+    known = known_methods()
+    unknown = sorted({m for m in methods if m not in known})
+    if unknown:
+        raise ConfigError(f"params: evaluate.methods has unknown method(s) {unknown}; known: {known}")
 
 
 def dvc_yaml(stages: list[Stage]) -> dict[str, Any]:
@@ -80,7 +127,7 @@ def dvc_yaml(stages: list[Stage]) -> dict[str, Any]:
         st: dict[str, Any] = {"desc": s.desc, "cmd": s.shell, "deps": list(s.deps)}
         if s.params:
             st["params"] = list(s.params)
-        st["outs"] = list(s.outs)
+        st["outs"] = [{o: {"cache": False}} if o in s.uncached else o for o in s.outs]
         if s.metrics:
             st["metrics"] = [{m: {"cache": False}} for m in s.metrics]
         if s.plots:

@@ -8,7 +8,7 @@ from bnnpan.pipeline import build_stages
 
 # `config` is params.yaml (configfile in the Snakefile), validated like everywhere else.
 _STAGES = build_stages(Params.model_validate(config))
-ALL_OUTPUTS = [o for s in _STAGES for o in s.outs]
+ALL_OUTPUTS = [o for s in _STAGES for o in (*s.outs, *s.metrics, *s.plots)]
 
 
 def _stage_rule(stage):
@@ -19,7 +19,7 @@ def _stage_rule(stage):
         input:
             [d for d in stage.deps],
         output:
-            [directory(o) for o in stage.outs],
+            [directory(o) if o in stage.dirs else o for o in (*stage.outs, *stage.metrics, *stage.plots)],
         log:
             f"logs/{stage.name}.log",
         resources:

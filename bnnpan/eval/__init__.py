@@ -1,0 +1,1 @@
+"""Evaluation: reduced- and full-resolution quality indices, and the evaluate stage."""

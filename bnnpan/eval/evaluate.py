@@ -1,0 +1,159 @@
+"""The ``evaluate`` stage: run one method on a dataset's test files and score it.
+
+Reduced resolution (``test_rr.h5``): the method fuses the degraded pair and is scored
+against ``gt`` with :func:`bnnpan.eval.metrics_rr.reduced_resolution` (DN scale, reference
+first, ``border_cut`` pixels cut, PSNR peak = the sensor scale). Full resolution
+(``test_fr.h5``): the method fuses the original pair and is scored without reference with
+:func:`bnnpan.eval.metrics_fr.full_resolution` (``lms`` is the expanded MS).
+
+Writes into ``reports/<dataset>/<method>/``: ``metrics.json`` (mean and std over tiles of
+``psnr sam ergas q2n scc q`` and ``d_lambda d_s hqnr qnr``, latency per tile, and the
+conventions under ``info``), ``tiles.csv`` (one row per tile), and ``fused/`` with every
+fused tile as a float32 GeoTIFF carrying the geotransform and CRS of its source tile.
+Each file is written to a temporary path and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import rasterio
+from affine import Affine
+
+from bnnpan.config import Params
+from bnnpan.data.hdf5io import read_attrs, validate_h5
+from bnnpan.data.scene import atomic_dir
+from bnnpan.eval.metrics_fr import full_resolution
+from bnnpan.eval.metrics_rr import reduced_resolution
+from bnnpan.models.registry import KIND, MethodContext, build_method
+from bnnpan.sensors import get_sensor
+
+RR_KEYS = ("psnr", "sam", "ergas", "q2n", "scc", "q")
+FR_KEYS = ("d_lambda", "d_s", "hqnr", "qnr")
+METRIC_KEYS = RR_KEYS + FR_KEYS
+
+
+def method_context(attrs: dict[str, Any]) -> MethodContext:
+    """Sensor facts for a method, from a dataset file's attributes."""
+    sensor = get_sensor(attrs["sensor"])
+    bands, gains = sensor.select(list(attrs["bands"]))
+    return MethodContext(sensor=sensor.name, ratio=int(attrs["ratio"]), ms_gains=gains,
+                         pan_gain=sensor.pan_gain, scale=float(attrs["scale"]), bands=bands)
+
+
+def _summary(values: list[float]) -> dict[str, float | None]:
+    """Mean and (population) std over tiles; None when nothing was measured."""
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": None, "std": None}
+    return {"mean": float(arr.mean()), "std": float(arr.std())}
+
+
+def _write_tif(path: Path, arr: np.ndarray, transform: list[float], crs: str | None, bands: tuple[str, ...]) -> None:
+    profile = dict(driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0], dtype="float32",
+                   transform=Affine.from_gdal(*transform), crs=crs,
+                   compress="deflate", predictor=3)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(arr.astype(np.float32))
+        for i, name in enumerate(bands, start=1):
+            dst.set_band_description(i, name)
+
+
+def _json_float(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    return x
+
+
+def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Path | None = None,
+                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Evaluate ``method`` on ``dataset``; return the metrics dictionary written to metrics.json."""
+    cfg = params.evaluate
+    prepared = Path(params.paths.prepared) / dataset
+    rr_path, fr_path = prepared / "test_rr.h5", prepared / "test_fr.h5"
+    validate_h5(rr_path)
+    validate_h5(fr_path)
+    attrs = read_attrs(rr_path)
+    ctx = method_context(attrs)
+    fuser = build_method(method, ctx)
+    scenes = list(attrs["scenes"])
+    # D_s degrades the PAN the way the dataset was prepared (see metrics_fr.d_s).
+    pan_degradation = (attrs.get("settings") or {}).get("pan_degradation", "bicubic")
+    crs_by_scene = attrs.get("crs") or {}
+    out_dir = Path(out_dir or Path(params.paths.reports) / dataset / method)
+    rows: list[dict[str, Any]] = []
+    latency: dict[str, list[float]] = {"reduced": [], "full": []}
+
+    with h5py.File(rr_path, "r") as frr, h5py.File(fr_path, "r") as ffr:
+        n_rr, n_fr = len(frr["pan"]), len(ffr["pan"])
+        total, done = n_rr + n_fr, 0
+        fused_dir = out_dir / "fused"
+        fused_dir.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(fused_dir) as tmp_fused:
+            for res, f, n in (("reduced", frr, n_rr), ("full", ffr, n_fr)):
+                for i in range(n):
+                    lms = f["lms"][i].astype(np.float64)
+                    pan = f["pan"][i, 0].astype(np.float64)
+                    ms = f["ms"][i].astype(np.float64)
+                    t0 = time.perf_counter()
+                    fused = np.asarray(fuser.fuse(lms, pan, ms), dtype=np.float64)
+                    latency[res].append((time.perf_counter() - t0) * 1000)
+                    if fused.shape != lms.shape:
+                        raise ValueError(f"method {method} returned {fused.shape}, expected {lms.shape}")
+                    if res == "reduced":
+                        m = reduced_resolution(f["gt"][i].astype(np.float64), fused, ctx.ratio, peak=ctx.scale,
+                                               cut=cfg.border_cut, block=cfg.block)
+                    else:
+                        m = full_resolution(fused, pan, lms, ctx.ms_gains, ctx.ratio, block=cfg.block,
+                                            pan_degradation=pan_degradation, pan_gain=ctx.pan_gain)
+                    scene = scenes[int(f["scene_index"][i])]
+                    r, c, h, w = (int(v) for v in f["window"][i])
+                    rows.append({"resolution": res, "tile": i, "scene": scene, "window_row": r, "window_col": c,
+                                 **{k: m.get(k) for k in METRIC_KEYS}})
+                    if cfg.save_fused:
+                        _write_tif(tmp_fused / f"{'rr' if res == 'reduced' else 'fr'}_{i:03d}.tif", fused,
+                                   [float(v) for v in f["geotransform"][i]], crs_by_scene.get(scene), ctx.bands)
+                    done += 1
+                    if progress:
+                        progress(f"{dataset}/{method} {res} tile {i}", done, total)
+
+    table = pd.DataFrame(rows)
+    metrics: dict[str, Any] = {}
+    for k in METRIC_KEYS:
+        res = "reduced" if k in RR_KEYS else "full"
+        vals = table.loc[table.resolution == res, k].tolist()
+        metrics[k] = {kk: _json_float(v) for kk, v in _summary(vals).items()}
+    metrics["latency_ms"] = {r: float(np.median(v)) if v else None for r, v in latency.items()}
+    metrics["n_tiles"] = {"reduced": n_rr, "full": n_fr}
+    metrics["info"] = {
+        "dataset": dataset, "method": method, "kind": KIND.get(method, "network"), "sensor": ctx.sensor,
+        "ratio": ctx.ratio, "scale": ctx.scale, "bands": list(ctx.bands), "rgb": [int(x) for x in attrs.get("rgb", [])],
+        "border_cut": cfg.border_cut, "block": cfg.block, "psnr_peak": ctx.scale,
+        "d_s_pan_degradation": pan_degradation,
+        "std": "population std over test tiles",
+    }
+    _atomic_write(out_dir / "tiles.csv", table.to_csv(index=False, float_format="%.10g"))
+    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

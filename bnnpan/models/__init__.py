@@ -1,0 +1,1 @@
+"""Fusion methods: classical references and (later) networks, behind one registry."""

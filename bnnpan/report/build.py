@@ -1,0 +1,594 @@
+"""The report: one page that compares every evaluated method on every dataset.
+
+What it shows, and why:
+
+* ``reports/summary.md``: per dataset, a table methods x indices with mean ± std over the
+  test tiles and the best value of each column in bold. The reduced-resolution indices
+  (PSNR, SAM, ERGAS, Q2n, SCC, Q) follow Wald's protocol: the original MS is the ground
+  truth of a fusion of degraded inputs, so they measure fidelity exactly but at a scale that
+  is not the one of use. The full-resolution indices (D_λ, D_s, HQNR, QNR) need no
+  reference and are computed on the original scale, but they can rank methods wrongly (the
+  plain interpolated MS, EXP, often gets an excellent D_λ because it injects no detail), so
+  the page says to read both families together. The conventions that change the numbers
+  (DN scale, PSNR peak, border cut, block size) are stated per dataset, with the tile counts
+  and the licence and attribution of every scene the test tiles come from.
+* ``reports/metrics.csv``: the same numbers, one row per (dataset, method), for other tools.
+* ``reports/figures/<dataset>_metrics.png``: one bar chart per index (error bars = std), so
+  the size of the differences is seen against the spread over tiles.
+* ``reports/figures/<dataset>_visual.png``: one reduced-resolution test tile, ground truth
+  and every method side by side with the same colour stretch (the GT's 2-98 percentiles),
+  and below them the PAN and each method's absolute error on one shared colour scale, so
+  the numbers in the table can be checked by eye (blur, colour shifts, artefacts).
+
+Inputs are what ``bnnpan evaluate`` writes (``reports/<D>/<M>/{metrics.json, tiles.csv,
+fused/rr_NNN.tif}``) and what ``bnnpan prepare`` wrote (``data/prepared/<D>/{test_rr.h5,
+manifest.json}``). Only the (dataset, method) pairs passed in appear: a stale method folder
+left by an earlier configuration is ignored. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import rasterio  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+# (key, label, higher_is_better), in table order.
+METRICS: list[tuple[str, str, bool]] = [
+    ("psnr", "PSNR dB", True),
+    ("sam", "SAM °", False),
+    ("ergas", "ERGAS", False),
+    ("q2n", "Q2n", True),
+    ("scc", "SCC", True),
+    ("q", "Q", True),
+    ("d_lambda", "D_λ", False),
+    ("d_s", "D_s", False),
+    ("hqnr", "HQNR", True),
+    ("qnr", "QNR", True),
+]
+REDUCED_METRICS = ("psnr", "sam", "ergas", "q2n", "scc", "q")
+FULL_METRICS = ("d_lambda", "d_s", "hqnr", "qnr")
+DECIMALS = {"psnr": 2, "sam": 3, "ergas": 3}  # the Q-type indices (in [0, 1]): 4
+DPI = 110
+VISUAL_COLUMNS = 6  # panels per row of the visual comparison (GT + 5 methods)
+
+
+def _decimals(key: str) -> int:
+    return DECIMALS.get(key, 4)
+
+
+def _arrow(up: bool) -> str:
+    return "↑" if up else "↓"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _num(v: Any) -> float | None:
+    """A JSON number as float; None for null, a missing value or NaN (inf is kept)."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _load_metrics(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{path}: metrics file not found (run `bnnpan evaluate` for this dataset and method)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-run `bnnpan evaluate`") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object; re-run `bnnpan evaluate`")
+    return data
+
+
+def _stat(m: dict[str, Any], key: str) -> tuple[float | None, float | None]:
+    v = m.get(key)
+    if not isinstance(v, dict):
+        return None, None
+    return _num(v.get("mean")), _num(v.get("std"))
+
+
+def _load_tiles(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    return pd.read_csv(path)
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{path}: dataset manifest not found (run `bnnpan prepare`)")
+    return json.loads(path.read_text())
+
+
+def _decode_attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _read_tile(h5_path: Path, tile: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Ground truth (C x H x W), PAN (H x W) and attributes of reduced-resolution test tile ``tile``."""
+    if not h5_path.is_file():
+        raise ValueError(f"{h5_path}: test file not found (run `bnnpan prepare`)")
+    with h5py.File(h5_path, "r") as f:
+        if "gt" not in f or "pan" not in f:
+            raise ValueError(f"{h5_path}: needs datasets `gt` and `pan`, has {list(f)}")
+        n = f["gt"].shape[0]
+        if not 0 <= tile < n:
+            raise ValueError(f"{h5_path}: tile {tile} out of range (the file has {n} tiles)")
+        gt = np.asarray(f["gt"][tile], dtype=np.float64)
+        pan = np.asarray(f["pan"][tile, 0], dtype=np.float64)
+        attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
+    return gt, pan, attrs
+
+
+def _read_fused(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    if not path.is_file():
+        raise ValueError(f"{path}: fused tile not found (run `bnnpan evaluate`)")
+    with rasterio.open(path) as src:
+        a = src.read().astype(np.float64)
+    if a.shape != shape:
+        raise ValueError(f"{path}: shape {a.shape} does not match the ground truth {shape}")
+    return a
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _save_fig(fig: plt.Figure, path: Path) -> Path:
+    try:
+        return _atomic(path, lambda t: fig.savefig(t, format="png", dpi=DPI))
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _fmt(v: float | None, key: str) -> str:
+    if v is None:
+        return "n/a"
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    return f"{v:.{_decimals(key)}f}"
+
+
+def _cell(mean: float | None, std: float | None, key: str) -> str:
+    if mean is None:
+        return "n/a"
+    if std is None or not math.isfinite(mean):
+        return _fmt(mean, key)
+    return f"{_fmt(mean, key)} ± {_fmt(std, key)}"
+
+
+def best_methods(means: dict[str, float | None], key: str, higher_is_better: bool) -> set[str]:
+    """The methods whose mean is best for ``key`` at the displayed precision (ties: all of them)."""
+    shown = {m: round(v, _decimals(key)) if math.isfinite(v) else v for m, v in means.items() if v is not None}
+    if not shown:
+        return set()
+    target = max(shown.values()) if higher_is_better else min(shown.values())
+    return {m for m, v in shown.items() if v == target}
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _table(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
+    head = ["Method", "Kind"] + [f"{label} {_arrow(up)}" for _, label, up in METRICS] + ["ms/tile RR / FR"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(head) - 2)) + "|"]
+    best = {
+        key: best_methods({m: _stat(results[m], key)[0] for m in methods}, key, up) for key, _, up in METRICS
+    }
+    for m in methods:
+        r = results[m]
+        cells = [_md(m), _md(r.get("info", {}).get("kind", ""))]
+        for key, _, _ in METRICS:
+            c = _cell(*_stat(r, key), key)
+            cells.append(f"**{c}**" if m in best[key] else c)
+        lat = r.get("latency_ms") or {}
+        lr, lf = _num(lat.get("reduced")), _num(lat.get("full"))
+        cells.append(" / ".join("n/a" if v is None else f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}" for v in (lr, lf)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+HOW_TO_READ = """\
+## How to read this report
+
+Each dataset has one table: a row per method, a column per quality index, each cell the
+**mean ± std over the test tiles**; ↑ means higher is better, ↓ lower is better, and the best
+value of each column (at the shown precision; ties are all marked) is in **bold**.
+The first six indices (PSNR, SAM, ERGAS, Q2n, SCC, Q) are computed at **reduced resolution**
+with Wald's protocol: PAN and MS are degraded by the resolution ratio, fused, and compared
+against the *original MS as ground truth*. The last four (D_λ, D_s, HQNR, QNR) are computed at
+**full resolution**, on the original scale, with **no reference**: they estimate the spectral
+(D_λ) and spatial (D_s) distortion from the inputs alone. These no-reference indices can rank
+methods wrongly (EXP, the interpolated MS that adds no PAN detail, often gets an excellent D_λ),
+so read them beside the reduced-resolution ones, not instead of them.
+Conventions: images are in the sensor's **DN** (the PSNR peak is the sensor scale, stated per
+dataset below), a border of the stated width is cut from every tile before the indices are
+computed, and Q, Q2n, D_λ and D_s are averaged over **32 x 32 blocks**. The last column is the
+mean fusion time per tile at reduced / full resolution (including the hardware, so compare it
+within a run only). Each dataset ends with a bar chart of the indices (error bars = std) and a
+visual comparison of one test tile: the RGB composites share the ground truth's 2-98 % stretch,
+and the error maps (|fused - GT| averaged over bands, in DN) share one colour scale.
+"""
+
+
+def _tile_counts(methods: list[str], results: dict[str, dict[str, Any]]) -> str:
+    counts = {}
+    for m in methods:
+        n = results[m].get("n_tiles") or {}
+        counts[m] = (n.get("reduced"), n.get("full"))
+    distinct = set(counts.values())
+    if len(distinct) == 1:
+        rr, fr = distinct.pop()
+        return f"Test tiles: {rr} at reduced resolution, {fr} at full resolution."
+    per = "; ".join(f"{_md(m)}: {rr} / {fr}" for m, (rr, fr) in counts.items())
+    return f"Test tiles (reduced / full resolution; they differ between methods, compare with care): {per}."
+
+
+def _conventions(results: dict[str, dict[str, Any]], methods: list[str]) -> str:
+    info = results[methods[0]].get("info", {})
+    bits = []
+    if info.get("sensor"):
+        bits.append(f"sensor {info['sensor']}")
+    if info.get("ratio") is not None:
+        bits.append(f"ratio {info['ratio']}")
+    if info.get("bands"):
+        bits.append("bands " + ", ".join(map(str, info["bands"])))
+    if info.get("scale") is not None:
+        bits.append(f"DN scale {_g(info['scale'])}")
+    if info.get("psnr_peak") is not None:
+        bits.append(f"PSNR peak {_g(info['psnr_peak'])}")
+    if info.get("border_cut") is not None:
+        bits.append(f"border cut {info['border_cut']} px")
+    if info.get("block") is not None:
+        bits.append(f"{info['block']} x {info['block']} blocks")
+    peaks = {_g(results[m].get("info", {}).get("psnr_peak")) for m in methods}
+    note = "" if len(peaks) <= 1 else f" (warning: the methods used different PSNR peaks: {sorted(peaks)})"
+    return "Conventions: " + "; ".join(bits) + "." + note
+
+
+def _g(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return str(int(f)) if f.is_integer() else f"{f:g}"
+
+
+def _scenes(manifest: dict[str, Any]) -> list[str]:
+    lines = []
+    for s in manifest.get("scenes", []):
+        name = s.get("name", "?")
+        lic = s.get("licence") or "licence not recorded"
+        att = s.get("attribution") or "attribution not recorded"
+        role = f" (role: {s['role']})" if s.get("role") else ""
+        lines.append(f"- `{name}`{role}: {att}; licence: {lic}")
+    return lines or ["- (the manifest lists no scenes)"]
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _metrics_figure(dataset: str, methods: list[str], results: dict[str, dict[str, Any]], path: Path) -> Path:
+    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    longest = max(len(m) for m in methods)
+    width = max(13.0, 5 * (0.6 + 0.36 * len(methods)))
+    fig, axes = plt.subplots(2, 5, figsize=(width, 6.0 + 0.11 * longest))
+    x = np.arange(len(methods))
+    small = len(methods) <= 6  # value labels fit horizontally
+    for ax, (key, label, up) in zip(axes.ravel(), METRICS, strict=True):
+        stats = [_stat(results[m], key) for m in methods]
+        means = np.array([s[0] if s[0] is not None and math.isfinite(s[0]) else np.nan for s in stats])
+        stds = np.array([s[1] if s[1] is not None and math.isfinite(s[1]) else 0.0 for s in stats])
+        best = best_methods({m: s[0] for m, s in zip(methods, stats, strict=True)}, key, up)
+        bars = ax.bar(
+            x, np.nan_to_num(means), yerr=np.where(np.isnan(means), np.nan, stds), capsize=3,
+            color=[colours(i % colours.N) for i in range(len(methods))],
+            edgecolor=["black" if m in best else "none" for m in methods], linewidth=1.6,
+            error_kw={"elinewidth": 1, "ecolor": "0.25"},
+        )
+        for i, (b, (mean, _)) in enumerate(zip(bars, stats, strict=True)):
+            if mean is None or not math.isfinite(mean):
+                text = "n/a" if mean is None else _fmt(mean, key)
+                ax.text(
+                    i, 0.02, text, ha="center", va="bottom", fontsize=8 if mean is None else 12, color="0.3",
+                    fontweight="bold" if methods[i] in best else "normal",
+                    transform=ax.get_xaxis_transform(),  # x in data, y in axes fraction
+                )
+                b.set_visible(False)
+        finite = means[np.isfinite(means)]
+        if finite.size:
+            lo = float(np.min(finite - stds[np.isfinite(means)]))
+            hi = float(np.max(finite + stds[np.isfinite(means)]))
+            if key == "psnr" and lo > 0:  # PSNR differences are small against its size: zoom in
+                pad = 0.15 * (hi - lo) + 0.5
+                ax.set_ylim(max(0.0, lo - pad), hi + pad * (1.0 if small else 2.0))
+            else:
+                ax.set_ylim(min(0.0, lo * 1.1), hi * (1.15 if small else 1.3) if hi > 0 else 1.0)
+        ax.set_title(f"{label} {_arrow(up)}", fontsize=11, fontweight="bold", loc="left")
+        ax.set_title("RR" if key in REDUCED_METRICS else "FR", fontsize=8, color="0.4", loc="right")
+        for i, (mean, std) in enumerate(stats):
+            if mean is not None and math.isfinite(mean):
+                ax.annotate(
+                    _fmt(mean, key), (i, mean + (std if std is not None and math.isfinite(std) else 0.0)),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=7 if small else 6, rotation=0 if small else 90, color="0.2",
+                )
+        ax.set_xticks(x)
+        ax.set_xticklabels(methods, rotation=40, ha="right", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.suptitle(
+        f"{dataset}: mean ± std over the test tiles    RR = reduced resolution (Wald protocol, "
+        "reference = original MS); FR = full resolution (no reference); black outline = best",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def _stretch(a: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return np.clip((a - lo[:, None, None]) / np.maximum(hi - lo, 1e-12)[:, None, None], 0.0, 1.0)
+
+
+def _rgb_indices(attrs: dict[str, Any], info: dict[str, Any], n_bands: int) -> list[int]:
+    for rgb in (attrs.get("rgb"), info.get("rgb")):
+        if isinstance(rgb, (list, tuple)) and len(rgb) == 3 and all(0 <= int(i) < n_bands for i in rgb):
+            return [int(i) for i in rgb]
+    return [2, 1, 0] if n_bands >= 3 else [0, 0, 0]
+
+
+def _tile_scores(tiles: pd.DataFrame | None, tile: int) -> dict[str, float]:
+    if tiles is None or not {"resolution", "tile"} <= set(tiles.columns):
+        return {}
+    row = tiles[(tiles["resolution"] == "reduced") & (tiles["tile"] == tile)]
+    if row.empty:
+        return {}
+    return {k: float(row.iloc[0][k]) for k in ("q2n", "ergas") if k in row.columns and pd.notna(row.iloc[0][k])}
+
+
+def _tile_scene(tiles: dict[str, pd.DataFrame | None], tile: int) -> str | None:
+    for df in tiles.values():
+        if df is not None and {"resolution", "tile", "scene"} <= set(df.columns):
+            row = df[(df["resolution"] == "reduced") & (df["tile"] == tile)]
+            if not row.empty and pd.notna(row.iloc[0]["scene"]):
+                return str(row.iloc[0]["scene"])
+    return None
+
+
+@dataclass
+class _Visual:
+    """The inputs of the visual comparison: one reduced-resolution test tile and its fusions."""
+
+    tile: int
+    gt: np.ndarray
+    pan: np.ndarray
+    attrs: dict[str, Any]
+    fused: dict[str, np.ndarray]
+
+
+def _load_visual(reports_dir: Path, prepared_dir: Path, dataset: str, methods: list[str], tile: int) -> _Visual:
+    gt, pan, attrs = _read_tile(prepared_dir / dataset / "test_rr.h5", tile)
+    fused = {m: _read_fused(reports_dir / dataset / m / "fused" / f"rr_{tile:03d}.tif", gt.shape) for m in methods}
+    return _Visual(tile, gt, pan, attrs, fused)
+
+
+def _visual_figure(
+    dataset: str,
+    methods: list[str],
+    results: dict[str, dict[str, Any]],
+    tiles: dict[str, pd.DataFrame | None],
+    visual: _Visual,
+    path: Path,
+) -> Path:
+    gt, pan, attrs, fused, tile = visual.gt, visual.pan, visual.attrs, visual.fused, visual.tile
+    info = results[methods[0]].get("info", {})
+    rgb = _rgb_indices(attrs, info, gt.shape[0])
+
+    lo = np.percentile(gt[rgb], 2, axis=(1, 2))
+    hi = np.percentile(gt[rgb], 98, axis=(1, 2))
+    errors = {m: np.abs(f - gt).mean(axis=0) for m, f in fused.items()}
+    all_err = np.concatenate([e.ravel() for e in errors.values()])
+    vmax = float(np.percentile(all_err, 99.5)) if all_err.size else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    plo, phi = np.percentile(pan, [2, 98])
+
+    # Panels: (GT, PAN) then (method RGB, method error), wrapped every VISUAL_COLUMNS panels.
+    n_panels = 1 + len(methods)
+    ncol = min(n_panels, VISUAL_COLUMNS)
+    nblock = -(-n_panels // ncol)
+    side = 2.7
+    fig, axes = plt.subplots(
+        2 * nblock, ncol, figsize=(side * ncol + 0.9, 2 * nblock * side + 0.6 + 0.4 * nblock),
+        squeeze=False, layout="constrained",
+    )
+
+    def slot(k: int) -> tuple[plt.Axes, plt.Axes]:
+        r, c = divmod(k, ncol)
+        return axes[2 * r, c], axes[2 * r + 1, c]
+
+    scene = _tile_scene(tiles, tile)
+    top, bottom = slot(0)
+    top.imshow(np.moveaxis(_stretch(gt[rgb], lo, hi), 0, -1), interpolation="nearest")
+    top.set_title("ground truth (RGB)\n" + (f"scene {scene}" if scene else f"tile {tile}"), fontsize=9)
+    bottom.imshow(np.clip((pan - plo) / max(phi - plo, 1e-12), 0, 1), cmap="gray", interpolation="nearest")
+    bottom.set_title("PAN (degraded input)", fontsize=9)
+    cut = info.get("border_cut") or 0
+    im = None
+    error_axes = []
+    for k, m in enumerate(methods, start=1):
+        top, bottom = slot(k)
+        top.imshow(np.moveaxis(_stretch(fused[m][rgb], lo, hi), 0, -1), interpolation="nearest")
+        s = _tile_scores(tiles.get(m), tile)
+        score = "  ".join(
+            f"{lab} {_fmt(s[key], key)}" for key, lab in (("q2n", "Q2n"), ("ergas", "ERGAS")) if key in s
+        )
+        top.set_title(f"{m}\n{score}" if score else m, fontsize=9)
+        im = bottom.imshow(errors[m], cmap="inferno", vmin=0, vmax=vmax, interpolation="nearest")
+        bottom.set_title(f"|{m} − GT|", fontsize=9)
+        error_axes.append(bottom)
+        h, w = errors[m].shape
+        if 0 < cut and 2 * cut < min(h, w):
+            bottom.add_patch(
+                Rectangle((cut - 0.5, cut - 0.5), w - 2 * cut, h - 2 * cut, fill=False, ls="--", lw=0.8, ec="cyan")
+            )
+    for k in range(n_panels, nblock * ncol):
+        for ax in slot(k):
+            ax.set_visible(False)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if im is not None:
+        cb = fig.colorbar(im, ax=error_axes, shrink=0.9 if nblock == 1 else 0.6, pad=0.01, extend="max")
+        cb.set_label("mean |error| over bands (DN)", fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+    band_names = info.get("bands") or attrs.get("bands") or []
+    rgb_txt = "/".join(str(band_names[i]) for i in rgb) if len(band_names) > max(rgb) else str(rgb)
+    fig.suptitle(
+        f"{dataset}, reduced-resolution test tile {tile}: RGB = {rgb_txt}, GT 2-98 % stretch for all"
+        + (f"; dashed = {cut} px border cut" if cut else ""),
+        fontsize=10,
+    )
+    return _save_fig(fig, path)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_report(
+    pairs: list[tuple[str, str]],
+    reports_dir: Path = Path("reports"),
+    prepared_dir: Path = Path("data/prepared"),
+    tile: int = 0,
+) -> dict[str, Path]:
+    """Write ``summary.md``, ``metrics.csv`` and two figures per dataset for the given pairs.
+
+    ``pairs`` are the (dataset, method) combinations the current parameters evaluate, in the
+    order they should appear. Returns ``{"summary": ..., "metrics_csv": ...,
+    "<dataset>_metrics": ..., "<dataset>_visual": ...}``. A listed pair without
+    ``metrics.json`` is a :class:`ValueError` naming the file.
+    """
+    reports_dir, prepared_dir = Path(reports_dir), Path(prepared_dir)
+    if not pairs:
+        raise ValueError("no (dataset, method) pairs to report on; configure methods and run `bnnpan evaluate`")
+    order: dict[str, list[str]] = {}
+    for d, m in pairs:
+        if m not in order.setdefault(d, []):
+            order[d].append(m)
+
+    # Load everything first, so a missing input fails before any file is replaced.
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    tiles: dict[str, dict[str, pd.DataFrame | None]] = {}
+    manifests: dict[str, dict[str, Any]] = {}
+    visuals: dict[str, _Visual] = {}
+    for d, methods in order.items():
+        results[d] = {m: _load_metrics(reports_dir / d / m / "metrics.json") for m in methods}
+        tiles[d] = {m: _load_tiles(reports_dir / d / m / "tiles.csv") for m in methods}
+        manifests[d] = _load_manifest(prepared_dir / d / "manifest.json")
+        visuals[d] = _load_visual(reports_dir, prepared_dir, d, methods, tile)
+
+    written: dict[str, Path] = {}
+    fig_dir = reports_dir / "figures"
+    for d, methods in order.items():
+        written[f"{d}_metrics"] = _metrics_figure(d, methods, results[d], fig_dir / f"{d}_metrics.png")
+        written[f"{d}_visual"] = _visual_figure(
+            d, methods, results[d], tiles[d], visuals[d], fig_dir / f"{d}_visual.png"
+        )
+
+    # metrics.csv
+    rows = []
+    for d, methods in order.items():
+        for m in methods:
+            r = results[d][m]
+            row: dict[str, Any] = {"dataset": d, "method": m, "kind": r.get("info", {}).get("kind")}
+            for key, _, _ in METRICS:
+                row[f"{key}_mean"], row[f"{key}_std"] = _stat(r, key)
+            lat = r.get("latency_ms") or {}
+            row["latency_ms_reduced"] = _num(lat.get("reduced"))
+            row["latency_ms_full"] = _num(lat.get("full"))
+            n = r.get("n_tiles") or {}
+            row["n_tiles_reduced"] = n.get("reduced")
+            row["n_tiles_full"] = n.get("full")
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    written["metrics_csv"] = _atomic(reports_dir / "metrics.csv", lambda t: df.to_csv(t, index=False))
+
+    # summary.md
+    lines = [
+        "# bnnpan: pan-sharpening results",
+        "",
+        "Generated by the report stage (`bnnpan.report.build`) from `reports/<dataset>/<method>/metrics.json`; "
+        "the numbers are also in [`metrics.csv`](metrics.csv).",
+        "",
+        HOW_TO_READ,
+    ]
+    for d, methods in order.items():
+        lines += [f"## {d}", "", _conventions(results[d], methods), "", *_table(methods, results[d]), ""]
+        lines += [_tile_counts(methods, results[d]), "", "Scenes (licence and attribution):", ""]
+        lines += _scenes(manifests[d])
+        lines += [
+            "",
+            f"![{d}: indices per method](figures/{d}_metrics.png)",
+            "",
+            f"![{d}: visual comparison of reduced-resolution test tile {tile}](figures/{d}_visual.png)",
+            "",
+        ]
+    text = "\n".join(lines).rstrip() + "\n"
+    written["summary"] = _atomic(reports_dir / "summary.md", lambda t: t.write_text(text, encoding="utf-8"))
+    return written

