@@ -9,7 +9,7 @@ CORES ?= 2
 export PATH := $(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-fast lint dag bench ui clean
+.PHONY: setup run run-all test test-fast lint dag bench ui clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ setup: $(STAMP)  ## create .venv and install bnnpan with its dev tools
 
 run: setup  ## fetch -> prepare -> ... on the default scene (Snakemake + MLflow + dvc commit)
 	bnnpan run --cores $(CORES)
+
+run-all: run  ## also the WorldView-2 profile (needs ../shared/data): reports/worldview2/
+	bnnpan run --params profiles/worldview2/params.yaml
 
 test: setup  ## the test suite (what CI runs): unit + integration tests, real data
 	$(BIN)/python -m pytest
@@ -33,8 +36,9 @@ lint: setup
 dag: setup  ## regenerate dvc.yaml from the stage list
 	bnnpan dag write
 
-bench: setup  ## benchmark fetch+prepare on the default scene
+bench: setup  ## benchmarks: fetch+prepare on the default scene, the metric suite
 	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/metrics.py
 
 ui: setup  ## MLflow UI on 127.0.0.1:5000
 	bnnpan ui

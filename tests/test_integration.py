@@ -70,6 +70,8 @@ def test_run_then_dvc_repro_is_a_no_op(project):
     assert children == stages and "report" in stages and "evaluate_landsat8_mtf_glp_hpm" in stages
     out = _sh([sys.executable, "-m", "dvc", "metrics", "show"], root, env)
     assert "reports/landsat8/mtf_glp_hpm/metrics.json" in out and "q2n.mean" in out
+    out = _sh([sys.executable, "-m", "dvc", "plots", "show", "-o", str(root / "plots_html")], root, env)
+    assert "failed" not in out.lower() and (root / "plots_html/index.html").is_file()
 
 
 def test_params_change_reruns_only_dependent_stages(project):

@@ -103,8 +103,7 @@ def build_stages(params: Params) -> list[Stage]:
             deps=tuple(REPORT_CODE + report_deps + [f"{p.prepared}/{d}" for d in datasets]),
             params=("report",),
             outs=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
-            plots=(f"{p.reports}/figures",),
-            dirs=(f"{p.reports}/figures",),
+            plots=tuple(f"{p.reports}/figures/{d}_{kind}.png" for d in datasets for kind in ("metrics", "visual")),
             uncached=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
             desc="summary.md, metrics.csv and figures for every evaluated method",
         ))
