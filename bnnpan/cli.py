@@ -39,12 +39,13 @@ def _errors(fn: F) -> F:
     """Turn the package's input errors into one red line and exit status 2."""
     from bnnpan.data.hdf5io import HDF5Error
     from bnnpan.data.scene import SceneError
+    from bnnpan.train.loop import CheckpointError
 
     @wraps(fn)
     def wrapper(*a: Any, **kw: Any) -> Any:
         try:
             return fn(*a, **kw)
-        except (ConfigError, SceneError, HDF5Error) as e:
+        except (ConfigError, SceneError, HDF5Error, CheckpointError) as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -132,6 +133,34 @@ def prepare(
                 tracking.log_params(tracking.flatten(p.datasets[n].model_dump(mode="json"), "dataset."))
                 tracking.log_metrics({**counts, **dropped})
                 tracking.log_artifact(out / "manifest.json")
+
+
+@app.command()
+@_errors
+def train(
+    method: list[str] = typer.Option(None, "--method", "-m", help="network(s) from train.methods; default: all"),
+    dataset: list[str] = typer.Option(None, "--dataset", "-d", help="dataset name(s); default: all trained"),
+    params: Path = ParamsOpt,
+    no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow"),
+    resume: bool = typer.Option(True, help="continue from models/<dataset>/<method>.ckpt when its params match"),
+) -> None:
+    """Train networks with the one training loop (same recipe for every method).
+
+    Writes models/<dataset>/<method>.pt (final weights + network description), a resumable
+    checkpoint models/<dataset>/<method>.ckpt and the curve models/<dataset>/<method>_curve.csv;
+    logs per-step loss and validation PSNR live to MLflow. An interrupted run resumes exactly.
+    """
+    from bnnpan.train.run import train_method
+
+    p = load_params(params)
+    pairs = [(d, m) for d, m in p.trained() if (not dataset or d in dataset) and (not method or m in method)]
+    if not pairs:
+        raise ConfigError(f"{params}: nothing to train for method(s) {method or 'all'} on dataset(s) "
+                          f"{dataset or 'all'}; train.methods = {sorted(p.train.methods)}")
+    for d, m in pairs:
+        result = train_method(p, d, m, track=not no_track, resume=resume, progress=console.is_terminal)
+        console.print(f"  {d}/{m}: step {result['step']}, val PSNR {result.get('val_psnr', float('nan')):.2f} dB, "
+                      f"{result.get('patches_per_s', float('nan')):.1f} patches/s", highlight=False)
 
 
 @app.command()

@@ -208,6 +208,7 @@ class Paths(Strict):
     raw: str = "data/raw"
     prepared: str = "data/prepared"
     downloads: str = "data/downloads"
+    models: str = "models"
     reports: str = "reports"
 
 
@@ -222,6 +223,59 @@ class EvaluateConfig(Strict):
     border_cut: int = Field(21, ge=0, description="reduced-resolution border cut (pixels), at every ratio")
     block: int = Field(32, gt=0, description="block side of Q / Q2n / D_lambda / D_s")
     save_fused: bool = Field(True, description="write every fused test tile as a GeoTIFF")
+
+
+class ModelConfig(Strict):
+    """The shared backbone (method.md): width D and depth N; only the block differs by method."""
+
+    width: int = Field(32, gt=0, description="feature channels D")
+    depth: int = Field(4, gt=0, description="number of (binary) blocks N")
+    zero_init_tail: bool = Field(True, description="tail conv starts at 0: every method starts at EXP (our choice)")
+
+
+class TrainDefaults(Strict):
+    """The one training recipe, the same for every method (method.md, 'Training recipe')."""
+
+    batch_size: int = Field(32, gt=0)
+    iterations: int = Field(500, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    loss: Literal["l1", "l1_ssim"] = "l1"
+    ssim_weight: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    val_every: int = Field(100, gt=0)
+    ckpt_every: int = Field(100, gt=0)
+    augment: bool = True
+    num_workers: int = Field(0, ge=0)
+
+
+class MethodTrain(Strict):
+    """Per-method overrides of the defaults (empty = the shared recipe)."""
+
+    batch_size: int | None = Field(None, gt=0)
+    iterations: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    lr_schedule: Literal["cosine", "step", "constant"] | None = None
+    weight_decay: float | None = Field(None, ge=0)
+    loss: Literal["l1", "l1_ssim"] | None = None
+    grad_clip: float | None = Field(None, gt=0)
+    extra: dict[str, Any] = Field(default_factory=dict, description="method-specific network switches")
+
+
+class TrainSection(Strict):
+    defaults: TrainDefaults = TrainDefaults()
+    methods: dict[str, MethodTrain | None] = Field(
+        default_factory=dict, description="networks to train (name -> overrides or {})"
+    )
+    datasets: list[str] | None = Field(None, description="datasets to train on; default: all")
+
+    def resolved(self, method: str) -> dict[str, Any]:
+        """The defaults with the method's overrides applied (what the loop gets)."""
+        over = self.methods.get(method) or MethodTrain()
+        merged = self.defaults.model_dump()
+        merged.update({k: v for k, v in over.model_dump(exclude={"extra"}).items() if v is not None})
+        return merged
 
 
 class ReportConfig(Strict):
@@ -242,6 +296,8 @@ class Params(Strict):
     tracking: TrackingConfig = TrackingConfig()
     scenes: dict[str, SceneConfig]
     datasets: dict[str, DatasetConfig]
+    model: ModelConfig = ModelConfig()
+    train: TrainSection = TrainSection()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
 
@@ -258,17 +314,28 @@ class Params(Strict):
             sensors = {self.scenes[s].sensor for s in ds.scenes} - {None}
             if len(sensors) > 1:
                 raise ValueError(f"dataset {d!r} mixes sensors {sorted(sensors)}")
-        for d in self.evaluate.datasets or []:
-            if d not in self.datasets:
-                raise ValueError(f"evaluate.datasets names unknown dataset {d!r}")
+        for key, names in (("evaluate.datasets", self.evaluate.datasets), ("train.datasets", self.train.datasets)):
+            for d in names or []:
+                if d not in self.datasets:
+                    raise ValueError(f"{key} names unknown dataset {d!r}")
+        both = set(self.train.methods) & set(self.evaluate.methods)
+        if both:
+            raise ValueError(f"{sorted(both)} listed in both train.methods and evaluate.methods "
+                             "(trained networks are evaluated automatically)")
         if len(set(self.evaluate.methods)) != len(self.evaluate.methods):
             raise ValueError(f"evaluate.methods has duplicates: {self.evaluate.methods}")
         return self
 
+    def trained(self) -> list[tuple[str, str]]:
+        """The (dataset, network) pairs the train stage fits."""
+        ds = self.train.datasets if self.train.datasets is not None else list(self.datasets)
+        return [(d, m) for d in ds for m in self.train.methods]
+
     def evaluated(self) -> list[tuple[str, str]]:
-        """The (dataset, method) pairs the evaluate stage scores."""
+        """The (dataset, method) pairs the evaluate stage scores: classical methods, then networks."""
         ds = self.evaluate.datasets if self.evaluate.datasets is not None else list(self.datasets)
-        return [(d, m) for d in ds for m in self.evaluate.methods]
+        pairs = [(d, m) for d in ds for m in self.evaluate.methods]
+        return pairs + [p for p in self.trained() if p not in pairs]
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -23,13 +23,13 @@ resolution (``reduced``/``full``), code_version, settings (JSON).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from bnnpan.atomic import atomic_path
 
 ARRAY_KEYS = ("gt", "lms", "ms", "pan")
 REQUIRED_ATTRS = ("sensor", "ratio", "scale", "split", "scenes")
@@ -49,9 +49,7 @@ def write_h5(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict[str, A
     n = {len(a) for k, a in arrays.items()}
     if len(n) > 1:
         raise ValueError(f"{path}: arrays have different lengths {n}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
             for k, a in arrays.items():
                 chunks = (1, *a.shape[1:]) if a.ndim >= 3 and len(a) > 0 else None
@@ -64,10 +62,6 @@ def write_h5(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict[str, A
                 elif v is None:
                     v = "null"
                 f.attrs[k] = v
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 
 import bnnpan
+from bnnpan.atomic import atomic_dir
 from bnnpan.config import DatasetConfig, Params
 from bnnpan.data import wald
 from bnnpan.data.hdf5io import write_h5
-from bnnpan.data.scene import SceneError, atomic_dir, nodata_mask, read_raw_scene, sha256_file
+from bnnpan.data.scene import SceneError, nodata_mask, read_raw_scene, sha256_file
 from bnnpan.sensors import get_sensor
 
 SPLITS = ("train", "valid", "test_rr", "test_fr")

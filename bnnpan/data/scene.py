@@ -20,14 +20,9 @@ sibling and renamed into place, so a failed fetch never leaves a half-written sc
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +32,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
+from bnnpan.atomic import atomic_dir  # noqa: F401 - re-exported for callers
 from bnnpan.sensors import Sensor, get_sensor
 
 
@@ -64,30 +60,6 @@ class RawScene:
     @property
     def ratio(self) -> int:
         return self.sensor.ratio
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``out_dir``; on success swap it into place.
-
-    On an exception the temporary directory is removed and a previous ``out_dir`` is left
-    exactly as it was, so readers never see a half-written output.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def nodata_mask(pan: np.ndarray, ms: np.ndarray, ratio: int, nodata: float | None) -> np.ndarray:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +28,9 @@ import pandas as pd
 import rasterio
 from affine import Affine
 
+from bnnpan.atomic import atomic_dir, write_text
 from bnnpan.config import Params
 from bnnpan.data.hdf5io import read_attrs, validate_h5
-from bnnpan.data.scene import atomic_dir
 from bnnpan.eval.metrics_fr import full_resolution
 from bnnpan.eval.metrics_rr import reduced_resolution
 from bnnpan.models.registry import KIND, MethodContext, build_method
@@ -85,7 +83,13 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     validate_h5(fr_path)
     attrs = read_attrs(rr_path)
     ctx = method_context(attrs)
-    fuser = build_method(method, ctx)
+    network = method in params.train.methods
+    if network:
+        from bnnpan.models.checkpoint import NetworkFuser
+
+        fuser = NetworkFuser(Path(params.paths.models) / dataset / f"{method}.pt", device=params.device)
+    else:
+        fuser = build_method(method, ctx)
     scenes = list(attrs["scenes"])
     # D_s degrades the PAN the way the dataset was prepared (see metrics_fr.d_s).
     pan_degradation = (attrs.get("settings") or {}).get("pan_degradation", "bicubic")
@@ -136,24 +140,30 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     metrics["latency_ms"] = {r: float(np.median(v)) if v else None for r, v in latency.items()}
     metrics["n_tiles"] = {"reduced": n_rr, "full": n_fr}
     metrics["info"] = {
-        "dataset": dataset, "method": method, "kind": KIND.get(method, "network"), "sensor": ctx.sensor,
-        "ratio": ctx.ratio, "scale": ctx.scale, "bands": list(ctx.bands), "rgb": [int(x) for x in attrs.get("rgb", [])],
+        "dataset": dataset, "method": method, "kind": "network" if network else KIND.get(method, "classical"),
+        "sensor": ctx.sensor,
+        "ratio": ctx.ratio, "scale": ctx.scale, "bands": list(ctx.bands),
+        "rgb": [int(x) for x in attrs.get("rgb", [])],
         "border_cut": cfg.border_cut, "block": cfg.block, "psnr_peak": ctx.scale,
         "d_s_pan_degradation": pan_degradation,
         "std": "population std over test tiles",
     }
+    if network:
+        metrics["cost"] = network_cost(fuser.model, len(ctx.bands))
     _atomic_write(out_dir / "tiles.csv", table.to_csv(index=False, float_format="%.10g"))
     _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
+def network_cost(model: Any, in_channels: int, sizes: tuple[int, ...] = (64, 256)) -> dict[str, Any]:
+    """Params / OPs of a network (bnnpan.eval.cost, per-layer hooks) at square input sizes."""
+    from bnnpan.eval.cost import count_cost
+
+    out: dict[str, Any] = {}
+    for n in sizes:
+        out[str(n)] = count_cost(model, in_channels, n, n).totals()
+    return out
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)

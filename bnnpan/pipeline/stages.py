@@ -26,6 +26,9 @@ PREPARE_CODE = ["bnnpan/data/prepare.py", "bnnpan/data/wald.py", "bnnpan/data/hd
 EVALUATE_CODE = ["bnnpan/eval/evaluate.py", "bnnpan/eval/metrics_rr.py", "bnnpan/eval/metrics_fr.py",
                  "bnnpan/models/registry.py", "bnnpan/models/classical.py", "bnnpan/data/wald.py"]
 REPORT_CODE = ["bnnpan/report/build.py"]
+TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datasets.py", "bnnpan/models/networks.py",
+              "bnnpan/models/backbone.py", "bnnpan/models/layers.py", "bnnpan/models/binarizers.py"]
+NETWORK_EVAL_CODE = ["bnnpan/models/checkpoint.py", "bnnpan/eval/cost.py"]
 
 
 @dataclass(frozen=True)
@@ -78,15 +81,31 @@ def build_stages(params: Params) -> list[Stage]:
             dirs=(f"{p.prepared}/{name}",),
             desc=f"Wald-protocol train/valid/test HDF5 files for dataset {name}",
         ))
+    trained = params.trained()
+    _check_networks(sorted({m for _, m in trained}))
+    for ds, method in trained:
+        ckpt = f"{p.models}/{ds}/{method}.pt"
+        stages.append(Stage(
+            name=f"train_{ds}_{method}",
+            cmd=("bnnpan", "train", "--dataset", ds, "--method", method),
+            deps=tuple(TRAIN_CODE + [f"{p.prepared}/{ds}"]),
+            params=("seed", "device", "model", "train.defaults", f"train.methods.{method}"),
+            outs=(ckpt,),
+            plots=(f"{p.models}/{ds}/{method}_curve.csv",),
+            resources={"train": 1},
+            desc=f"train {method} on {ds} (the one training loop; resumes from {ckpt[:-3]}.ckpt)",
+        ))
     evaluated = params.evaluated()
-    _check_methods([m for _, m in evaluated])
+    _check_methods([m for _, m in evaluated if m not in params.train.methods])
     report_deps: list[str] = []
     for ds, method in evaluated:
         out = f"{p.reports}/{ds}/{method}"
+        network = method in params.train.methods
+        extra_deps = NETWORK_EVAL_CODE + [f"{p.models}/{ds}/{method}.pt"] if network else []
         stages.append(Stage(
             name=f"evaluate_{ds}_{method}",
             cmd=("bnnpan", "evaluate", "--dataset", ds, "--method", method),
-            deps=tuple(EVALUATE_CODE + [f"{p.prepared}/{ds}"]),
+            deps=tuple(EVALUATE_CODE + extra_deps + [f"{p.prepared}/{ds}"]),
             params=("evaluate.border_cut", "evaluate.block", "evaluate.save_fused"),
             outs=(f"{out}/fused", f"{out}/tiles.csv"),
             metrics=(f"{out}/metrics.json",),
@@ -110,6 +129,15 @@ def build_stages(params: Params) -> list[Stage]:
     return stages
 
 
+def _check_networks(methods: list[str]) -> None:
+    from bnnpan.config import ConfigError
+    from bnnpan.models.networks import NETWORKS
+
+    unknown = [m for m in methods if m not in NETWORKS]
+    if unknown:
+        raise ConfigError(f"params: train.methods has unknown network(s) {unknown}; known: {sorted(NETWORKS)}")
+
+
 def _check_methods(methods: list[str]) -> None:
     from bnnpan.config import ConfigError
     from bnnpan.models.registry import known_methods
@@ -130,7 +158,8 @@ def dvc_yaml(stages: list[Stage]) -> dict[str, Any]:
         if s.metrics:
             st["metrics"] = [{m: {"cache": False}} for m in s.metrics]
         if s.plots:
-            st["plots"] = [{pl: {"cache": False}} for pl in s.plots]
+            st["plots"] = [{pl: {"cache": False, **({"x": "step", "y": "val_psnr"} if pl.endswith("_curve.csv")
+                                                    else {})}} for pl in s.plots]
         out[s.name] = st
     return {"stages": out}
 

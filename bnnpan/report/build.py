@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +42,11 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import pandas as pd
 import rasterio  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+
+from bnnpan.atomic import atomic_path  # noqa: E402
 
 # (key, label, higher_is_better), in table order.
 METRICS: list[tuple[str, str, bool]] = [
@@ -167,23 +167,9 @@ def _read_fused(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(tmp)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _save_fig(fig: plt.Figure, path: Path) -> Path:
@@ -225,8 +211,20 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _cost_cells(cost: dict[str, Any] | None) -> list[str]:
+    """Params = binary/32 + FP (thousands); OPs = BOPs/64 + FLOPs (millions) at 64² and 256² inputs."""
+    if not cost:
+        return ["—", "—"]
+    small, big = cost.get("64") or {}, cost.get("256") or {}
+    params = _num(big.get("params_equiv"))
+    ops = [_num(c.get("ops")) for c in (small, big)]
+    return ["n/a" if params is None else f"{params / 1e3:.1f}",
+            " / ".join("n/a" if v is None else f"{v / 1e6:.1f}" for v in ops)]
+
+
 def _table(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
-    head = ["Method", "Kind"] + [f"{label} {_arrow(up)}" for _, label, up in METRICS] + ["ms/tile RR / FR"]
+    head = (["Method", "Kind"] + [f"{label} {_arrow(up)}" for _, label, up in METRICS]
+            + ["Params (K eq.)", "OPs (M) 64² / 256²", "ms/tile RR / FR"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(head) - 2)) + "|"]
     best = {
         key: best_methods({m: _stat(results[m], key)[0] for m in methods}, key, up) for key, _, up in METRICS
@@ -237,6 +235,7 @@ def _table(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
         for key, _, _ in METRICS:
             c = _cell(*_stat(r, key), key)
             cells.append(f"**{c}**" if m in best[key] else c)
+        cells += _cost_cells(r.get("cost"))
         lat = r.get("latency_ms") or {}
         lr, lf = _num(lat.get("reduced")), _num(lat.get("full"))
         cells.append(" / ".join("n/a" if v is None else f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}" for v in (lr, lf)))
@@ -259,7 +258,10 @@ methods wrongly (EXP, the interpolated MS that adds no PAN detail, often gets an
 so read them beside the reduced-resolution ones, not instead of them.
 Conventions: images are in the sensor's **DN** (the PSNR peak is the sensor scale, stated per
 dataset below), a border of the stated width is cut from every tile before the indices are
-computed, and Q, Q2n, D_λ and D_s are averaged over **32 x 32 blocks**. The last column is the
+computed, and Q, Q2n, D_λ and D_s are averaged over **32 x 32 blocks**. For networks, the cost
+columns count per layer (forward hooks) as BNN papers do: Params = binary params / 32 + FP
+params (thousands of FP32-equivalent parameters), OPs = BOPs / 64 + FLOPs (millions) for a
+64 x 64 and a 256 x 256 input; classical methods show —. The last column is the
 mean fusion time per tile at reduced / full resolution (including the hardware, so compare it
 within a run only). Each dataset ends with a bar chart of the indices (error bars = std) and a
 visual comparison of one test tile: the RGB composites share the ground truth's 2-98 % stretch,
@@ -562,6 +564,9 @@ def build_report(
             lat = r.get("latency_ms") or {}
             row["latency_ms_reduced"] = _num(lat.get("reduced"))
             row["latency_ms_full"] = _num(lat.get("full"))
+            for size, c in (r.get("cost") or {}).items():
+                for k in ("params_equiv", "binary_params", "fp_params", "bytes", "bops", "flops", "ops"):
+                    row[f"{k}_{size}"] = _num((c or {}).get(k))
             n = r.get("n_tiles") or {}
             row["n_tiles_reduced"] = n.get("reduced")
             row["n_tiles_full"] = n.get("full")

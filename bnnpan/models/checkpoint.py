@@ -1,0 +1,59 @@
+"""Trained networks as fusion methods: load a checkpoint (weights only) and fuse tiles.
+
+A checkpoint written by :func:`bnnpan.train.loop.train` is a dict of tensors and plain
+types (never a pickled module): ``model`` (state_dict), ``net`` (name, in_channels, width,
+depth, ratio, extra) and ``scale``. It is always read with ``torch.load(...,
+weights_only=True)``; the network is rebuilt from the registry and the weights loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnnpan.models.networks import NetConfig, build_network
+from bnnpan.train.loop import CheckpointError, load_checkpoint
+
+__all__ = ["CheckpointError", "NetworkFuser", "load_network"]
+
+
+def _load(path: Path, device: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (run `bnnpan train`)")
+    return load_checkpoint(path, map_location=device)  # weights_only=True inside
+
+
+def load_network(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network of a checkpoint and load its weights; returns (model in eval mode, ckpt)."""
+    path = Path(path)
+    ckpt = _load(path, device)
+    try:
+        net = dict(ckpt["net"])
+        cfg = NetConfig(in_channels=int(net["in_channels"]), width=int(net["width"]), depth=int(net["depth"]),
+                        ratio=int(net.get("ratio", 4)), extra=dict(net.get("extra") or {}))
+        model = build_network(str(net["name"]), cfg)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: checkpoint does not match its network: {e}") from None
+    return model.to(device).eval(), ckpt
+
+
+class NetworkFuser:
+    """``fuse(lms, pan, ms)`` in DN with a trained network (inputs divided by the scale)."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        self.model, ckpt = load_network(path, device)
+        self.name = str(ckpt["net"]["name"])
+        self.scale = float(ckpt["scale"])
+        self.device = device
+
+    @torch.no_grad()
+    def fuse(self, lms: np.ndarray, pan: np.ndarray, ms: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(lms, dtype=np.float32) / self.scale)[None].to(self.device)
+        p = torch.from_numpy(np.ascontiguousarray(pan, dtype=np.float32) / self.scale)[None, None].to(self.device)
+        out = self.model(x, p)[0].double().cpu().numpy()
+        return out * self.scale

@@ -1,0 +1,69 @@
+"""The ``train`` stage: params -> network + training config -> the one loop, tracked in MLflow.
+
+The resume digest covers everything that defines the run (method, dataset, network,
+resolved recipe, seed, and the training file's sha256 from the manifest), so a checkpoint
+is only ever continued by the very same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnnpan.config import Params
+from bnnpan.data.hdf5io import read_attrs
+from bnnpan.models.networks import NetConfig, build_network
+from bnnpan.train.loop import TrainConfig, train
+
+
+def _threads() -> None:
+    # Small convolutions on a shared 2-core machine: oversubscribed threads are ~100x slower.
+    n = int(os.environ.get("BNNPAN_THREADS", "0")) or (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+
+
+def train_method(params: Params, dataset: str, method: str, *, track: bool = True, resume: bool = True,
+                 progress: bool = True) -> dict[str, Any]:
+    prepared = Path(params.paths.prepared) / dataset
+    attrs = read_attrs(prepared / "train.h5")
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    over = params.train.methods.get(method)
+    net_cfg = NetConfig(in_channels=len(attrs["bands"]), width=params.model.width, depth=params.model.depth,
+                        ratio=int(attrs["ratio"]), extra=dict(over.extra) if over else {},
+                        zero_init_tail=params.model.zero_init_tail)
+    recipe = params.train.resolved(method)
+    tcfg = TrainConfig(seed=params.seed, **recipe)
+    digest = hashlib.sha256(json.dumps({
+        "method": method, "dataset": dataset, "net": asdict(net_cfg), "train": recipe, "seed": params.seed,
+        "data": manifest["files"]["train.h5"]["sha256"],
+    }, sort_keys=True, default=str).encode()).hexdigest()
+    _threads()
+    torch.manual_seed(params.seed)
+    model = build_network(method, net_cfg)
+    out = Path(params.paths.models) / dataset / f"{method}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"name": method, **asdict(net_cfg)}
+    kwargs = dict(device=params.device, progress=progress, resume=resume, net_meta=meta,
+                  scale=float(attrs["scale"]), params_digest=digest)
+    if not track:
+        return train(model, prepared / "train.h5", prepared / "valid.h5", tcfg, out, **kwargs)
+    from bnnpan import tracking
+
+    with tracking.stage_run(params, f"train_{dataset}_{method}", {"dataset": dataset, "method": method}):
+        tracking.log_params({"method": method, "dataset": dataset, "seed": params.seed, "device": params.device,
+                             **{f"model.{k}": v for k, v in asdict(net_cfg).items()},
+                             **{f"train.{k}": v for k, v in recipe.items()}})
+        result = train(model, prepared / "train.h5", prepared / "valid.h5", tcfg, out,
+                       log_fn=lambda metrics, step: tracking.log_metrics(metrics, step=step), **kwargs)
+        tracking.log_metrics({f"final/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))})
+        curve = out.with_name(f"{out.stem}_curve.csv")
+        if curve.is_file():
+            tracking.log_artifact(curve)
+        tracking.log_artifact(out, artifact_path="checkpoint")
+    return result
