@@ -182,10 +182,13 @@ def evaluate(
     p = load_params(params)
     datasets = _select(dataset, p.datasets, "dataset", params) if dataset else list(
         dict.fromkeys(d for d, _ in p.evaluated()))
-    methods = method or p.evaluate.methods
-    unknown = [m for m in methods if m not in known_methods()]
+    methods = method or [m for _, m in p.evaluated()]
+    known = known_methods() + list(p.train.methods)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; known methods: {', '.join(known_methods())}")
+        raise ConfigError(f"unknown method(s) {unknown}; known methods: {', '.join(known)} "
+                          "(networks must be listed in train.methods)")
+    methods = list(dict.fromkeys(methods))
     pairs = [(d, m) for d in datasets for m in methods]
     for d, m in pairs:
         with _progress() as prog:

@@ -240,6 +240,7 @@ class TrainDefaults(Strict):
     iterations: int = Field(500, gt=0)
     lr: float = Field(5e-4, gt=0)
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
     weight_decay: float = Field(0.0, ge=0)
     loss: Literal["l1", "l1_ssim"] = "l1"
     ssim_weight: float = Field(0.1, ge=0)
@@ -269,6 +270,15 @@ class TrainSection(Strict):
         default_factory=dict, description="networks to train (name -> overrides or {})"
     )
     datasets: list[str] | None = Field(None, description="datasets to train on; default: all")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSection:
+        for m in [None, *self.methods]:
+            r = self.resolved(m) if m else self.defaults.model_dump()
+            if r["warmup"] >= r["iterations"]:
+                where = f"train.methods.{m}" if m else "train.defaults"
+                raise ValueError(f"{where}: warmup ({r['warmup']}) must be smaller than iterations ({r['iterations']})")
+        return self
 
     def resolved(self, method: str) -> dict[str, Any]:
         """The defaults with the method's overrides applied (what the loop gets)."""

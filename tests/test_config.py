@@ -97,3 +97,10 @@ def test_sensor_table_matches_protocol():
     assert set(SENSORS) >= {"quickbird", "ikonos", "geoeye1", "worldview2", "worldview3", "gaofen2", "landsat8"}
     with pytest.raises(ValueError, match="no band"):
         wv2.select(["red", "B5"])
+
+
+def test_warmup_must_be_shorter_than_training(tmp_path):
+    data = _base()
+    data["train"]["methods"]["fp"] = {"iterations": 10}
+    with pytest.raises(ConfigError, match=r"train.methods.fp: warmup \(20\) must be smaller than iterations \(10\)"):
+        load_params(_write(tmp_path, data))

@@ -30,7 +30,7 @@ def _sh(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> s
 def tiny(params: dict) -> dict:
     """The CI profile: same scenes, datasets, methods and stages; tiny networks and few steps."""
     params["model"].update(width=8, depth=2)
-    params["train"]["defaults"].update(iterations=4, batch_size=8, val_every=2, ckpt_every=2)
+    params["train"]["defaults"].update(iterations=4, batch_size=8, val_every=2, ckpt_every=2, warmup=1)
     return params
 
 
@@ -99,14 +99,19 @@ def test_one_methods_lr_reruns_only_that_method(project):
     if not (root / "dvc.lock").is_file():
         pytest.skip("needs the run above")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["methods"]["bbcu"] = {"lr": 0.001}
+    params["train"]["methods"]["bbcu"] = {"lr": 0.003}  # differs from the default
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _sh([sys.executable, "-m", "dvc", "status"], root, env)
     changed = set(re.findall(r"^(\w+):", out, flags=re.M))
     assert changed == {"train_landsat8_bbcu"}, out  # downstream stages follow once it has run
+    # Snakemake sees the change too (each rule carries a digest of its params).
+    _sh([sys.executable, "-m", "bnnpan.cli", "dag", "write"], root, env)
+    out = _sh([sys.executable, "-m", "snakemake", "-n", "--cores", "1"], root, env)
+    planned = set(re.findall(r"^(?:local)?rule (\w+):", out, flags=re.M)) - {"all"}
+    assert "train_landsat8_bbcu" in planned and planned <= {"train_landsat8_bbcu", "evaluate_landsat8_bbcu", "report"}, out
     out = _sh([sys.executable, "-m", "dvc", "repro"], root, env)
     ran = set(re.findall(r"Running stage '(\w+)'", out))
-    assert ran == {"train_landsat8_bbcu", "evaluate_landsat8_bbcu", "report"}, ran
+    assert ran == {"train_landsat8_bbcu", "evaluate_landsat8_bbcu", "report"}, out
 
 
 def test_params_change_reruns_only_dependent_stages(project):

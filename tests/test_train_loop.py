@@ -382,3 +382,18 @@ def test_ddp_two_ranks_equals_single_process(data, tmp_path):
     assert moved > 5e-4  # the comparison is not vacuous (Adam's first step alone moves weights by ~lr)
     assert (tmp_path / "ddp_curve.csv").read_text().count("\n") == 5
     assert load_checkpoint(out.with_suffix(".ckpt"))["step"] == 4
+
+
+def test_warmup_schedule_resumes_bit_identically(data, tmp_path):
+    """Linear warm-up then cosine: the LR ramps up, and an interrupted run resumes exactly."""
+    cfg = replace(CFG, warmup=3)
+    lrs: list = []
+    net_a, _ = _run(data, tmp_path / "a" / "model.pt", cfg=cfg,
+                    log_fn=lambda m, s: lrs.append((s, m["lr"])) if "lr" in m else None)
+    ramp = [lr for s, lr in sorted(lrs) if s <= 4]
+    assert ramp == sorted(ramp) and ramp[0] < cfg.lr / 2  # warm-up ramps from lr / (warmup + 1)
+    out = tmp_path / "b" / "model.pt"
+    with pytest.raises(_Stop):
+        _run(data, out, cfg=cfg, log_fn=_stop_at(6, []))
+    net_b, _ = _run(data, out, cfg=cfg)
+    _assert_same_state(net_b.state_dict(), net_a.state_dict())

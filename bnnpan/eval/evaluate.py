@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -158,10 +159,13 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
 def network_cost(model: Any, in_channels: int, sizes: tuple[int, ...] = (64, 256)) -> dict[str, Any]:
     """Params / OPs of a network (bnnpan.eval.cost, per-layer hooks) at square input sizes."""
     from bnnpan.eval.cost import count_cost
+    from bnnpan.models.packing import packed_size_report
 
     out: dict[str, Any] = {}
     for n in sizes:
         out[str(n)] = count_cost(model, in_channels, n, n).totals()
+    with tempfile.TemporaryDirectory() as tmp:
+        out["file"] = packed_size_report(model, Path(tmp))  # sign bits 8 per byte vs FP32 state_dict
     return out
 
 

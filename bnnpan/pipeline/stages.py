@@ -10,8 +10,10 @@ Later stages (pretrain_prior, train, evaluate, report) are added here, not to tw
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -44,6 +46,7 @@ class Stage:
     plots: tuple[str, ...] = ()
     dirs: tuple[str, ...] = ()  # which outs/plots are directories (Snakemake's directory())
     uncached: tuple[str, ...] = ()  # small outs kept in git, not the DVC cache (reports)
+    param_digest: str = ""  # sha256 of the values of `params` (Snakemake's params rerun trigger)
     resources: dict[str, Any] = field(default_factory=dict)
     desc: str = ""
 
@@ -53,7 +56,24 @@ class Stage:
 
 
 def build_stages(params: Params) -> list[Stage]:
-    """All stages for these params, in a valid execution order."""
+    """All stages for these params, in a valid execution order.
+
+    Each stage carries a digest of the values of the params keys it depends on: Snakemake
+    gets it as a rule param, so a changed value re-runs the rule (as DVC does), and
+    `bnnpan run` never records outputs made with other params.
+    """
+    stages = _build(params)
+    return [replace(s, param_digest=_digest(params, s.params)) for s in stages]
+
+
+def _digest(params: Params, keys: tuple[str, ...]) -> str:
+    from bnnpan.config import section
+
+    blob = {k: section(params, k) for k in keys}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _build(params: Params) -> list[Stage]:
     p = params.paths
     stages: list[Stage] = []
     for name, scene in params.scenes.items():

@@ -214,17 +214,19 @@ def _md(text: str) -> str:
 def _cost_cells(cost: dict[str, Any] | None) -> list[str]:
     """Params = binary/32 + FP (thousands); OPs = BOPs/64 + FLOPs (millions) at 64² and 256² inputs."""
     if not cost:
-        return ["—", "—"]
-    small, big = cost.get("64") or {}, cost.get("256") or {}
+        return ["—", "—", "—"]
+    small, big, file = cost.get("64") or {}, cost.get("256") or {}, cost.get("file") or {}
     params = _num(big.get("params_equiv"))
     ops = [_num(c.get("ops")) for c in (small, big)]
+    sizes = [_num(file.get(k)) for k in ("packed_bytes", "fp32_bytes")]
     return ["n/a" if params is None else f"{params / 1e3:.1f}",
-            " / ".join("n/a" if v is None else f"{v / 1e6:.1f}" for v in ops)]
+            " / ".join("n/a" if v is None else f"{v / 1e6:.1f}" for v in ops),
+            " / ".join("n/a" if v is None else f"{v / 1e3:.1f}" for v in sizes)]
 
 
 def _table(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
     head = (["Method", "Kind"] + [f"{label} {_arrow(up)}" for _, label, up in METRICS]
-            + ["Params (K eq.)", "OPs (M) 64² / 256²", "ms/tile RR / FR"])
+            + ["Params (K eq.)", "OPs (M) 64² / 256²", "packed / FP32 file (kB)", "ms/tile RR / FR"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(head) - 2)) + "|"]
     best = {
         key: best_methods({m: _stat(results[m], key)[0] for m in methods}, key, up) for key, _, up in METRICS
@@ -261,7 +263,8 @@ dataset below), a border of the stated width is cut from every tile before the i
 computed, and Q, Q2n, D_λ and D_s are averaged over **32 x 32 blocks**. For networks, the cost
 columns count per layer (forward hooks) as BNN papers do: Params = binary params / 32 + FP
 params (thousands of FP32-equivalent parameters), OPs = BOPs / 64 + FLOPs (millions) for a
-64 x 64 and a 256 x 256 input; classical methods show —. The last column is the
+64 x 64 and a 256 x 256 input, and the real size of the network file with its binary weights
+packed 8 per byte against the FP32 state_dict; classical methods show —. The last column is the
 mean fusion time per tile at reduced / full resolution (including the hardware, so compare it
 within a run only). Each dataset ends with a bar chart of the indices (error bars = std) and a
 visual comparison of one test tile: the RGB composites share the ground truth's 2-98 % stretch,
@@ -565,7 +568,9 @@ def build_report(
             row["latency_ms_reduced"] = _num(lat.get("reduced"))
             row["latency_ms_full"] = _num(lat.get("full"))
             for size, c in (r.get("cost") or {}).items():
-                for k in ("params_equiv", "binary_params", "fp_params", "bytes", "bops", "flops", "ops"):
+                keys = ("packed_bytes", "fp32_bytes") if size == "file" else (
+                    "params_equiv", "binary_params", "fp_params", "bytes", "bops", "flops", "ops")
+                for k in keys:
                     row[f"{k}_{size}"] = _num((c or {}).get(k))
             n = r.get("n_tiles") or {}
             row["n_tiles_reduced"] = n.get("reduced")

@@ -20,6 +20,10 @@ def _stage_rule(stage):
             [d for d in stage.deps],
         output:
             [directory(o) if o in stage.dirs else o for o in (*stage.outs, *stage.metrics, *stage.plots)],
+        params:
+            # Not volatile: a digest of the params.yaml values this stage depends on, so
+            # Snakemake re-runs the rule when one changes (rerun-trigger "params"), like DVC.
+            digest=stage.param_digest,
         log:
             f"logs/{stage.name}.log",
         resources:
