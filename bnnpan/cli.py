@@ -221,8 +221,11 @@ def report(params: Path = ParamsOpt, no_track: bool = typer.Option(False, "--no-
     from bnnpan.report.build import build_report
 
     p = load_params(params)
-    paths = build_report(p.evaluated(), reports_dir=Path(p.paths.reports), prepared_dir=Path(p.paths.prepared),
-                         tile=p.report.tile)
+    try:
+        paths = build_report(p.evaluated(), reports_dir=Path(p.paths.reports),
+                             prepared_dir=Path(p.paths.prepared), tile=p.report.tile)
+    except ValueError as e:  # a missing or malformed input (named in the message)
+        raise ConfigError(str(e)) from None
     for k, v in paths.items():
         console.print(f"  {k}: {v}")
     if not no_track:

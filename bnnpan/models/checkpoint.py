@@ -2,8 +2,8 @@
 
 A checkpoint written by :func:`bnnpan.train.loop.train` is a dict of tensors and plain
 types (never a pickled module): ``model`` (state_dict), ``net`` (name, in_channels, width,
-depth, ratio, extra) and ``scale``. It is always read with ``torch.load(...,
-weights_only=True)``; the network is rebuilt from the registry and the weights loaded.
+depth, ratio, extra) and ``scale``. It is always read in weights-only mode (no unpickling of
+code, :func:`bnnpan.train.loop.load_checkpoint`); the network is rebuilt from the registry.
 """
 
 from __future__ import annotations

@@ -172,9 +172,13 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def _save_fig(fig: plt.Figure, path: Path) -> Path:
+def _save_fig(fig: plt.Figure, path: Path, max_pixels: float = 1.0e6) -> Path:
+    """Save at DPI, lowered when needed so the PNG stays under ``max_pixels`` (image grids of many
+    methods are large and compress badly: the report lives in git)."""
+    w, h = fig.get_size_inches()
+    dpi = min(DPI, (max_pixels / (w * h)) ** 0.5)
     try:
-        return _atomic(path, lambda t: fig.savefig(t, format="png", dpi=DPI))
+        return _atomic(path, lambda t: fig.savefig(t, format="png", dpi=dpi))
     finally:
         plt.close(fig)
 
