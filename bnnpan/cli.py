@@ -66,6 +66,17 @@ def _select(asked: list[str] | None, defined: dict[str, Any], kind: str, params:
     return names
 
 
+def _with_progress(verb: str, label: str, run: Callable[[Callable[[str, int, int], None]], Any]) -> Any:
+    """Run ``run(callback)`` under one rich progress bar; the callback is ``(message, done, total)``."""
+    with _progress() as prog:
+        task = prog.add_task(f"{verb} {label}", total=None)
+
+        def cb(msg: str, done: int, total: int) -> None:
+            prog.update(task, description=f"{verb} {msg}", completed=done, total=total)
+
+        return run(cb)
+
+
 @app.command()
 @_errors
 def fetch(
@@ -115,13 +126,7 @@ def prepare(
     p = load_params(params)
     names = _select(dataset, p.datasets, "dataset", params)
     for n in names:
-        with _progress() as prog:
-            task = prog.add_task(f"prepare {n}", total=None)
-
-            def cb(msg: str, done: int, total: int, _t: Any = task) -> None:
-                prog.update(_t, description=f"prepare {msg}", completed=done, total=total)
-
-            manifest = prepare_dataset(p, n, progress=cb)
+        manifest = _with_progress("prepare", n, lambda cb, n=n: prepare_dataset(p, n, progress=cb))
         out = Path(p.paths.prepared) / n
         counts = {f"n_{k.removesuffix('.h5')}": v["n"] for k, v in manifest["files"].items()}
         dropped = {f"dropped_{k.removesuffix('.h5')}": v["dropped_nodata"] for k, v in manifest["files"].items()}
@@ -191,13 +196,7 @@ def evaluate(
     methods = list(dict.fromkeys(methods))
     pairs = [(d, m) for d in datasets for m in methods]
     for d, m in pairs:
-        with _progress() as prog:
-            task = prog.add_task(f"evaluate {d}/{m}", total=None)
-
-            def cb(msg: str, done: int, total: int, _t: Any = task) -> None:
-                prog.update(_t, description=f"evaluate {msg}", completed=done, total=total)
-
-            metrics = evaluate_method(p, d, m, progress=cb)
+        metrics = _with_progress("evaluate", f"{d}/{m}", lambda cb, d=d, m=m: evaluate_method(p, d, m, progress=cb))
         shown = ", ".join(f"{k}={metrics[k]['mean']:.4g}" for k in METRIC_KEYS if metrics[k]["mean"] is not None)
         console.print(f"  {d}/{m}: {shown}", highlight=False)
         if not no_track:

