@@ -21,7 +21,8 @@ setup: $(STAMP)  ## create .venv and install bnnpan with its dev tools
 run: setup  ## fetch -> prepare -> ... on the default scene (Snakemake + MLflow + dvc commit)
 	bnnpan run --cores $(CORES)
 
-run-all: run  ## also the WorldView-2 profile (needs ../shared/data): reports/worldview2/
+run-all: run  ## also the ablations (reports/ablations/) and the WorldView-2 profile (needs ../shared/data)
+	bnnpan run --params profiles/ablations/params.yaml
 	bnnpan run --params profiles/worldview2/params.yaml
 
 test: setup  ## the test suite (what CI runs): unit + integration tests, real data

@@ -168,6 +168,33 @@ def train(
                       f"{result.get('patches_per_s', float('nan')):.1f} patches/s", highlight=False)
 
 
+@app.command("pretrain-prior")
+@_errors
+def pretrain_prior(
+    dataset: list[str] = typer.Option(None, "--dataset", "-d", help="dataset name(s); default: all that need it"),
+    params: Path = ParamsOpt,
+    no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow"),
+    resume: bool = typer.Option(True, help="continue from the stage checkpoints when their params match"),
+) -> None:
+    """Pretrain BNNPan's latent diffusion prior (stage 1: E1 + oracle network; stage 2: E2 + denoiser).
+
+    Writes models/<dataset>/prior_stage1.pt and models/<dataset>/prior.pt (+ .ckpt and _curve.csv each),
+    which every BNNPan method with a prior loads. Settings: the `prior` section of params.yaml.
+    """
+    from bnnpan.train.prior import pretrain_prior as run_prior
+
+    p = load_params(params)
+    needed = list(dict.fromkeys(d for d, m in p.trained() if m in p.prior_methods()))
+    datasets = _select(dataset, p.datasets, "dataset", params) if dataset else needed
+    if not datasets:
+        raise ConfigError(f"{params}: no trained method uses the latent prior (train.methods = "
+                          f"{sorted(p.train.methods)}); nothing to pretrain")
+    for d in datasets:
+        r = run_prior(p, d, track=not no_track, resume=resume, progress=console.is_terminal)
+        console.print(f"  {d}: stage 1 val PSNR {r['stage1']['val_psnr']:.2f} dB (oracle z), "
+                      f"stage 2 val PSNR {r['stage2']['val_psnr']:.2f} dB (sampled z)", highlight=False)
+
+
 @app.command()
 @_errors
 def evaluate(

@@ -261,6 +261,9 @@ class MethodTrain(Strict):
     weight_decay: float | None = Field(None, ge=0)
     loss: Literal["l1", "l1_ssim"] | None = None
     grad_clip: float | None = Field(None, gt=0)
+    network: str | None = Field(None, description="registered network that builds this method (default: its "
+                                "name); lets params define variants, e.g. bnnpan_t8: {network: bnnpan, extra: "
+                                "{diffusion_steps: 8}}")
     extra: dict[str, Any] = Field(default_factory=dict, description="method-specific network switches")
 
 
@@ -288,6 +291,44 @@ class TrainSection(Strict):
         return merged
 
 
+class PriorConfig(Strict):
+    """BNNPan's latent diffusion prior (LDPC): its shape, schedule, and the ``pretrain_prior`` stage's recipe.
+
+    The pretrain stage (``bnnpan pretrain-prior``) trains, per dataset, (1) the stage-1 encoder E1 jointly with
+    the oracle BNNPan network for ``stage1_iterations`` steps of the shared recipe (``train.defaults``), then
+    (2) E2 + the latent denoiser for ``stage2_iterations`` steps at ``stage2_lr`` to reproduce E1's latent
+    through the diffusion chain. Every BNNPan method with a prior loads the result (``mode``: frozen or
+    fine-tuned with its body). See bnnpan/models/prior.py and bnnpan/models/bnnpan.py.
+    """
+
+    latent_dim: int = Field(256, gt=0, description="size L of the latent z (DiffIR / method.md: 256)")
+    width: int = Field(32, gt=0, description="channels of the E1 / E2 conv stacks")
+    steps: int = Field(4, gt=0, description="diffusion steps T (DiffIR: 4)")
+    beta_start: float = Field(0.1, gt=0, lt=1)
+    beta_end: float = Field(0.99, gt=0, lt=1)
+    scheduler: Literal["ddim", "ddpm"] = Field("ddim", description="diffusers scheduler; ddim (eta 0) is deterministic")
+    sample_seed: int = Field(0, description="seed of z_T at test time (fixed: deterministic sampling)")
+    kl_weight: float = Field(0.0, ge=0, description="weight of DiffIR's optional KL term in the latent loss")
+    mode: Literal["frozen", "finetune"] = Field("frozen", description="the prior while a method trains")
+    latent_weight: float = Field(1.0, ge=0, description="finetune: weight of L1(z_hat, E1 z)")
+    stage1_iterations: int = Field(400, gt=0, description="E1 + oracle network steps")
+    stage2_iterations: int = Field(400, gt=0, description="E2 + denoiser steps")
+    stage2_lr: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PriorConfig:
+        if self.beta_start > self.beta_end:
+            raise ValueError(f"prior: beta_start {self.beta_start} > beta_end {self.beta_end}")
+        return self
+
+    def switches(self) -> dict[str, Any]:
+        """The network switches (bnnpan.models.bnnpan.BNNPanSwitches) this section sets."""
+        return {"latent_dim": self.latent_dim, "prior_width": self.width, "diffusion_steps": self.steps,
+                "beta_start": self.beta_start, "beta_end": self.beta_end, "scheduler": self.scheduler,
+                "sample_seed": self.sample_seed, "kl_weight": self.kl_weight, "prior_mode": self.mode,
+                "latent_weight": self.latent_weight}
+
+
 class ReportConfig(Strict):
     tile: int = Field(0, ge=0, description="reduced-resolution test tile shown in the visual comparison")
 
@@ -308,6 +349,7 @@ class Params(Strict):
     datasets: dict[str, DatasetConfig]
     model: ModelConfig = ModelConfig()
     train: TrainSection = TrainSection()
+    prior: PriorConfig = PriorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
 
@@ -340,6 +382,27 @@ class Params(Strict):
         """The (dataset, network) pairs the train stage fits."""
         ds = self.train.datasets if self.train.datasets is not None else list(self.datasets)
         return [(d, m) for d in ds for m in self.train.methods]
+
+    def network_of(self, method: str) -> str:
+        """The registered network that builds a trained method (``train.methods.<m>.network``, else its name)."""
+        over = self.train.methods.get(method)
+        return (over.network if over is not None and over.network else method)
+
+    def network_extra(self, method: str) -> dict[str, Any]:
+        """The ``extra`` switches of a trained method; BNNPan variants also get the ``prior`` section's."""
+        from bnnpan.models.bnnpan import VARIANTS
+
+        over = self.train.methods.get(method)
+        extra = dict(over.extra) if over is not None else {}
+        if self.network_of(method) in VARIANTS:
+            extra = {**self.prior.switches(), **extra}
+        return extra
+
+    def prior_methods(self) -> list[str]:
+        """Trained methods that need the pretrained latent prior."""
+        from bnnpan.models.networks import uses_prior
+
+        return [m for m in self.train.methods if uses_prior(self.network_of(m), self.network_extra(m))]
 
     def evaluated(self) -> list[tuple[str, str]]:
         """The (dataset, method) pairs the evaluate stage scores: classical methods, then networks."""

@@ -7,6 +7,7 @@ the training shrunk (:func:`tiny`) so the whole pipeline takes a couple of minut
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,9 +29,13 @@ def _sh(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> s
 
 
 def tiny(params: dict) -> dict:
-    """The CI profile: same scenes, datasets, methods and stages; tiny networks and few steps."""
+    """The CI profile: same scenes, datasets, methods and stages (plus the ablations); tiny networks, few steps."""
     params["model"].update(width=8, depth=2)
     params["train"]["defaults"].update(iterations=4, batch_size=8, val_every=2, ckpt_every=2, warmup=1)
+    params["prior"].update(latent_dim=16, width=8, stage1_iterations=3, stage2_iterations=3)
+    # the ablations of profiles/ablations/params.yaml, in the same DAG (CI exercises them end to end)
+    abl = yaml.safe_load((REPO / "profiles/ablations/params.yaml").read_text())["train"]["methods"]
+    params["train"]["methods"].update({m: v for m, v in abl.items() if m.startswith("bnnpan_")})
     return params
 
 
@@ -82,12 +87,22 @@ def test_run_then_dvc_repro_is_a_no_op(project):
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     stages = set(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
     assert children == stages and "report" in stages and "evaluate_landsat8_mtf_glp_hpm" in stages
-    assert {f"train_landsat8_{m}" for m in ("fp", "bnn", "bbcu", "bisrnet")} <= stages
+    assert {f"train_landsat8_{m}" for m in ("fp", "bnn", "bbcu", "bisrnet", "bnnpan", "bnnpan_no_cdc")} <= stages
+    assert "pretrain_prior_landsat8" in stages
+    prior_run = next(r for r in runs if r.info.run_name == "pretrain_prior_landsat8")
+    assert client.get_metric_history(prior_run.info.run_id, "stage1/train/loss")
+    assert client.get_metric_history(prior_run.info.run_id, "stage2/val/psnr")
+    assert (root / "models/landsat8/prior.pt").is_file() and (root / "models/landsat8/prior_stage1.pt").is_file()
+    assert (root / "reports/figures/landsat8_subbands.png").stat().st_size > 5_000
+    oracle = json.loads((root / "reports/landsat8/bnnpan_oracle_prior/metrics.json").read_text())
+    assert oracle["q2n"]["mean"] is not None and oracle["d_s"]["mean"] is None  # no reference at full resolution
     train_run = next(r for r in runs if r.info.run_name == "train_landsat8_bbcu")
     history = client.get_metric_history(train_run.info.run_id, "train/loss")
     assert history and max(m.step for m in history) >= 1  # per-step curve logged live
     summary = (root / "reports/summary.md").read_text()
     assert "| bbcu | network |" in summary and "| fp | network |" in summary
+    assert "### Ablations" in summary and "| bnnpan_no_fpstats |" in summary
+    assert "### Sub-band error energy" in summary
     out = _sh([sys.executable, "-m", "dvc", "metrics", "show"], root, env)
     assert "reports/landsat8/mtf_glp_hpm/metrics.json" in out and "q2n.mean" in out
     out = _sh([sys.executable, "-m", "dvc", "plots", "show", "-o", str(root / "plots_html")], root, env)

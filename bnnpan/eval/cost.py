@@ -298,7 +298,8 @@ def count_cost(model: nn.Module, in_channels: int, height: int, width: int, devi
     """Count params, BOPs and FLOPs of ``model`` for one (1, C, H, W) input, per layer (see the module docstring).
 
     The model must already live on ``device``; it is put in eval mode for the pass (BN running statistics are
-    not touched) and its training flag is restored afterwards. Forward signature: ``model(lms, pan)``.
+    not touched) and its training flag is restored afterwards. Forward signature: ``model(lms, pan)``, or
+    ``model(lms, pan, gt)`` for a model with ``needs_reference`` (the oracle prior).
     """
     owned = _owned_params(model)
     roles = _roles(model)
@@ -334,10 +335,13 @@ def count_cost(model: nn.Module, in_channels: int, height: int, width: int, devi
     gen = torch.Generator().manual_seed(SEED)
     lms = torch.rand((1, in_channels, height, width), generator=gen).to(device)
     pan = torch.rand((1, 1, height, width), generator=gen).to(device)
+    # A model that needs the reference at inference (BNNPan's oracle-prior ablation) gets a random one.
+    ref = (torch.rand((1, in_channels, height, width), generator=gen).to(device),) \
+        if getattr(model, "needs_reference", False) else ()
     try:
         model.eval()
         with torch.no_grad(), _FunctionalCounter(stack, roles, acc):
-            model(lms, pan)
+            model(lms, pan, *ref)
     finally:
         for h in handles:
             h.remove()

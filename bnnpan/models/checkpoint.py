@@ -47,13 +47,21 @@ class NetworkFuser:
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
         self.model, ckpt = load_network(path, device)
-        self.name = str(ckpt["net"]["name"])
+        self.name = str(ckpt["net"].get("method", ckpt["net"]["name"]))
         self.scale = float(ckpt["scale"])
         self.device = device
+        #: the network needs the reference at inference (BNNPan's oracle prior): reduced resolution only
+        self.needs_reference = bool(getattr(self.model, "needs_reference", False))
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32) / self.scale).to(self.device)
 
     @torch.no_grad()
-    def fuse(self, lms: np.ndarray, pan: np.ndarray, ms: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(lms, dtype=np.float32) / self.scale)[None].to(self.device)
-        p = torch.from_numpy(np.ascontiguousarray(pan, dtype=np.float32) / self.scale)[None, None].to(self.device)
-        out = self.model(x, p)[0].double().cpu().numpy()
+    def fuse(self, lms: np.ndarray, pan: np.ndarray, ms: np.ndarray, gt: np.ndarray | None = None) -> np.ndarray:
+        ref = ()
+        if self.needs_reference:
+            if gt is None:
+                raise ValueError(f"{self.name} needs the reference image (oracle prior): reduced resolution only")
+            ref = (self._tensor(gt)[None],)
+        out = self.model(self._tensor(lms)[None], self._tensor(pan)[None, None], *ref)[0].double().cpu().numpy()
         return out * self.scale

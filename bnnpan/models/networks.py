@@ -15,6 +15,7 @@ from torch import nn
 
 from bnnpan.models import layers
 from bnnpan.models.backbone import PanBackbone
+from bnnpan.models.bnnpan import VARIANTS, BNNPanNet, BNNPanSwitches
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ EXTRA_KEYS: dict[str, dict[str, str]] = {
     "btm": {"btm_res_scale": "scale of the binary branch in x + s * y (default 0.2)"},
     "bbcu": {"bbcu_k": "residual-alignment factor k (default 130 * width / 64)"},
     "bisrnet": {"bisr_beta_init": "initial beta of the tanh backward (default 2.0)"},
+    **{name: {k: "BNNPan switch (bnnpan.models.bnnpan.BNNPanSwitches)" for k in BNNPanSwitches.keys()}
+       for name in VARIANTS},
 }
 
 
@@ -85,6 +88,25 @@ def _bisrnet(cfg: NetConfig) -> nn.Module:
     return _backbone(cfg, lambda d: layers.BiSRBlock(d, beta_init=beta))
 
 
+def _bnnpan_factory(variant: str) -> Callable[[NetConfig], nn.Module]:
+    def build(cfg: NetConfig) -> nn.Module:
+        return BNNPanNet(cfg.in_channels, cfg.width, cfg.depth, bnnpan_switches(variant, cfg.extra),
+                         zero_init_tail=cfg.zero_init_tail)
+
+    build.__doc__ = f"BNNPan variant {variant!r}: switches {VARIANTS[variant] or 'all on'} (bnnpan.models.bnnpan)"
+    return build
+
+
+def bnnpan_switches(variant: str, extra: dict[str, Any]) -> BNNPanSwitches:
+    """The switches of a BNNPan variant: its :data:`VARIANTS` entry, then ``extra`` (params) on top."""
+    return BNNPanSwitches.from_dict({**VARIANTS[variant], **extra})
+
+
+def uses_prior(network: str, extra: dict[str, Any]) -> bool:
+    """Whether a network needs the pretrained latent prior (a BNNPan variant with ``ldpc != off``)."""
+    return network in VARIANTS and bnnpan_switches(network, extra).ldpc != "off"
+
+
 NETWORKS: dict[str, Callable[[NetConfig], nn.Module]] = {
     "fp": _fp,
     "bnn": _bnn,
@@ -95,6 +117,7 @@ NETWORKS: dict[str, Callable[[NetConfig], nn.Module]] = {
     "btm": _btm,
     "bbcu": _bbcu,
     "bisrnet": _bisrnet,
+    **{name: _bnnpan_factory(name) for name in VARIANTS},
 }
 
 

@@ -30,6 +30,11 @@ EVALUATE_CODE = ["bnnpan/eval/evaluate.py", "bnnpan/eval/metrics_rr.py", "bnnpan
 REPORT_CODE = ["bnnpan/report/build.py"]
 TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datasets.py", "bnnpan/models/networks.py",
               "bnnpan/models/backbone.py", "bnnpan/models/layers.py", "bnnpan/models/binarizers.py"]
+BNNPAN_CODE = ["bnnpan/models/bnnpan.py", "bnnpan/models/pibf.py", "bnnpan/models/prior.py",
+               "bnnpan/models/wavelet.py"]
+PRIOR_CODE = TRAIN_CODE + BNNPAN_CODE + ["bnnpan/train/prior.py"]
+#: report figure of the per-sub-band error energy, drawn when one of these methods is evaluated
+SUBBAND_METHODS = ("fp", "bnn", "bnnpan")
 NETWORK_EVAL_CODE = ["bnnpan/models/checkpoint.py", "bnnpan/eval/cost.py"]
 
 
@@ -102,14 +107,32 @@ def _build(params: Params) -> list[Stage]:
             desc=f"Wald-protocol train/valid/test HDF5 files for dataset {name}",
         ))
     trained = params.trained()
-    _check_networks(sorted({m for _, m in trained}))
+    _check_networks(sorted({params.network_of(m) for _, m in trained}))
+    from bnnpan.models.bnnpan import VARIANTS
+
+    prior_methods = set(params.prior_methods())
+    for ds in dict.fromkeys(d for d, m in trained if m in prior_methods):
+        bnnpan_method = ("train.methods.bnnpan",) if "bnnpan" in params.train.methods else ()
+        stages.append(Stage(
+            name=f"pretrain_prior_{ds}",
+            cmd=("bnnpan", "pretrain-prior", "--dataset", ds),
+            deps=tuple(PRIOR_CODE + [f"{p.prepared}/{ds}"]),
+            params=("seed", "device", "model", "train.defaults", "prior", *bnnpan_method),
+            outs=(f"{p.models}/{ds}/prior_stage1.pt", f"{p.models}/{ds}/prior.pt"),
+            plots=(f"{p.models}/{ds}/prior_stage1_curve.csv", f"{p.models}/{ds}/prior_curve.csv"),
+            resources={"train": 1},
+            desc=f"pretrain BNNPan's latent diffusion prior on {ds} (E1 + oracle net, then E2 + denoiser)",
+        ))
     for ds, method in trained:
         ckpt = f"{p.models}/{ds}/{method}.pt"
+        family = params.network_of(method) in VARIANTS
         stages.append(Stage(
             name=f"train_{ds}_{method}",
             cmd=("bnnpan", "train", "--dataset", ds, "--method", method),
-            deps=tuple(TRAIN_CODE + [f"{p.prepared}/{ds}"]),
-            params=("seed", "device", "model", "train.defaults", f"train.methods.{method}"),
+            deps=tuple(TRAIN_CODE + (BNNPAN_CODE if family else []) + [f"{p.prepared}/{ds}"]
+                       + ([f"{p.models}/{ds}/prior.pt"] if method in prior_methods else [])),
+            params=("seed", "device", "model", "train.defaults", f"train.methods.{method}",
+                    *(("prior",) if method in prior_methods else ())),
             outs=(ckpt,),
             plots=(f"{p.models}/{ds}/{method}_curve.csv",),
             resources={"train": 1},
@@ -122,6 +145,8 @@ def _build(params: Params) -> list[Stage]:
         out = f"{p.reports}/{ds}/{method}"
         network = method in params.train.methods
         extra_deps = NETWORK_EVAL_CODE + [f"{p.models}/{ds}/{method}.pt"] if network else []
+        if network and params.network_of(method) in VARIANTS:
+            extra_deps += BNNPAN_CODE
         stages.append(Stage(
             name=f"evaluate_{ds}_{method}",
             cmd=("bnnpan", "evaluate", "--dataset", ds, "--method", method),
@@ -142,7 +167,9 @@ def _build(params: Params) -> list[Stage]:
             deps=tuple(REPORT_CODE + report_deps + [f"{p.prepared}/{d}" for d in datasets]),
             params=("report",),
             outs=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
-            plots=tuple(f"{p.reports}/figures/{d}_{kind}.png" for d in datasets for kind in ("metrics", "visual")),
+            plots=tuple(f"{p.reports}/figures/{d}_{kind}.png" for d in datasets for kind in ("metrics", "visual"))
+            + tuple(f"{p.reports}/figures/{d}_subbands.png" for d in datasets
+                    if any((d, m) in evaluated for m in SUBBAND_METHODS)),
             uncached=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
             desc="summary.md, metrics.csv and figures for every evaluated method",
         ))

@@ -19,6 +19,14 @@ What it shows, and why:
   and every method side by side with the same colour stretch (the GT's 2-98 percentiles),
   and below them the PAN and each method's absolute error on one shared colour scale, so
   the numbers in the table can be checked by eye (blur, colour shifts, artefacts).
+* Under each results table, the best *binary* method on Q2n and on ERGAS (networks other than
+  ``fp`` and the ``bnnpan_*`` ablations), since the bold marks are usually won by ``fp``.
+* ``reports/figures/<dataset>_subbands.png`` and a "Sub-band error energy" table, when any of
+  ``fp``, ``bnn``, ``bnnpan`` has fused tiles: the error of each is split by a one-level Haar
+  DWT into LL/LH/HL/HH (:func:`subband_error_energy`), to test the paper's premise that
+  binarization degrades the detail bands relatively more than full precision does.
+* An "Ablations" table when ``bnnpan`` and at least one ``bnnpan_*`` variant were evaluated:
+  each variant's main indices and cost, and its change of Q2n and ERGAS against ``bnnpan``.
 
 Inputs are what ``bnnpan evaluate`` writes (``reports/<D>/<M>/{metrics.json, tiles.csv,
 fused/rr_NNN.tif}``) and what ``bnnpan prepare`` wrote (``data/prepared/<D>/{test_rr.h5,
@@ -43,6 +51,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd
+import pywt
 import rasterio  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
@@ -66,6 +75,25 @@ FULL_METRICS = ("d_lambda", "d_s", "hqnr", "qnr")
 DECIMALS = {"psnr": 2, "sam": 3, "ergas": 3}  # the Q-type indices (in [0, 1]): 4
 DPI = 110
 VISUAL_COLUMNS = 6  # panels per row of the visual comparison (GT + 5 methods)
+
+# Sub-band analysis of the error: the one-level Haar sub-bands (named as in bnnpan.models.wavelet:
+# LH = pywt's cH, low-pass along the width and high-pass along the height; HL = cV; HH = cD) and the
+# methods it compares (full precision, its plain-BNN twin, the proposed network).
+SUBBANDS = ("LL", "LH", "HL", "HH")
+DETAIL_BANDS = ("LH", "HL", "HH")
+SUBBAND_METHODS = ("fp", "bnn", "bnnpan")
+FP_METHOD = "fp"
+PROPOSED = "bnnpan"
+ABLATION_PREFIX = "bnnpan_"
+# What each standard ablation switch of bnnpan changes (a variant not listed here is named as is).
+ABLATION_LEGEND = {
+    "no_bwtc": "plain binary conv instead of the wavelet unit (BWTC)",
+    "no_fpstats": "sub-band units without the full-precision mean/std re-centring and rescaling",
+    "no_ldpc": "no latent prior (LDPC off)",
+    "oracle_prior": "the latent from the stage-1 encoder E1, which sees the ground truth "
+                    "(an upper bound; reduced resolution only, so its full-resolution cells are n/a)",
+    "no_cdc": "no channel-wise distribution calibration (CDC off)",
+}
 
 
 def _decimals(key: str) -> int:
@@ -162,6 +190,176 @@ def _read_fused(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return a
 
 
+# ----------------------------------------------------------------------------- sub-band error
+
+
+def subband_error_energy(gt: np.ndarray, fused: np.ndarray, cut: int = 0) -> dict[str, float]:
+    """Energy per pixel of the error ``fused - gt`` in each one-level Haar sub-band, summed over bands.
+
+    Why: the paper's premise is that binarization loses the detail bands (LH, HL, HH: edges and
+    texture) relatively more than the smooth LL band; splitting the error of a full-precision net
+    and of its binary twin by sub-band tests that directly.
+
+    What, exactly: with ``gt`` and ``fused`` both ``C x H x W``, the error ``e = fused - gt`` is
+    cropped by ``cut`` pixels on every side, then by one more row (column) at the bottom (right)
+    when the remaining height (width) is odd, to ``C x H' x W'`` with ``H'``, ``W'`` even. Each band
+    ``e_c`` is decomposed by ``pywt.dwt2(e_c, "haar", mode="periodization")`` (orthonormal Haar,
+    no padding) into ``LL, (LH, HL, HH)``, each ``H'/2 x W'/2``, and for every sub-band ``s``::
+
+        E_s = (1 / (H' W')) * sum_c sum_ij s_c[i, j]^2
+            = (1/4) * sum_c mean_ij s_c[i, j]^2    (the mean squared coefficient, / 4 sub-bands)
+
+    in DN^2 when the inputs are in DN. The transform is orthonormal, so by Parseval
+    ``E_LL + E_LH + E_HL + E_HH = (1 / (H' W')) * sum_c sum_ij e_c[i, j]^2 = sum_c MSE_c``: the total
+    error energy per pixel (the per-band MSE summed over bands) is split without loss between the
+    four sub-bands. A constant offset lands entirely in LL; a +1/-1 checkerboard entirely in HH;
+    rows alternating +1/-1 (high-pass along the height, constant along the width) in LH.
+
+    Returns ``{"LL": E_LL, "LH": E_LH, "HL": E_HL, "HH": E_HH}``. Raises :class:`ValueError` for
+    shapes that are not the same ``C x H x W``, a negative ``cut`` or a crop smaller than 2 x 2.
+    """
+    g = np.asarray(gt, dtype=np.float64)
+    f = np.asarray(fused, dtype=np.float64)
+    if g.ndim != 3 or g.shape != f.shape:
+        raise ValueError(f"gt and fused must both be C x H x W of the same shape, got {g.shape} and {f.shape}")
+    cut = int(cut)
+    if cut < 0:
+        raise ValueError(f"border cut must be >= 0, got {cut}")
+    _, h, w = g.shape
+    h2, w2 = (h - 2 * cut) // 2 * 2, (w - 2 * cut) // 2 * 2
+    if h2 < 2 or w2 < 2:
+        raise ValueError(f"a border cut of {cut} px leaves less than 2 x 2 pixels of a {h} x {w} tile")
+    err = (f - g)[:, cut : cut + h2, cut : cut + w2]
+    ll, (lh, hl, hh) = pywt.dwt2(err, "haar", mode="periodization", axes=(-2, -1))
+    n = float(h2 * w2)
+    return {name: float(np.sum(c * c)) / n for name, c in zip(SUBBANDS, (ll, lh, hl, hh), strict=True)}
+
+
+@dataclass
+class _Subbands:
+    """Sub-band error energies of the methods in SUBBAND_METHODS, averaged over the same test tiles."""
+
+    methods: list[str]
+    energy: dict[str, dict[str, float]]  # method -> sub-band -> mean E_s over the tiles (DN^2 per pixel)
+    n_tiles: int
+    cut: int
+
+
+def _n_test_tiles(h5_path: Path) -> int:
+    if not h5_path.is_file():
+        raise ValueError(f"{h5_path}: test file not found (run `bnnpan prepare`)")
+    with h5py.File(h5_path, "r") as f:
+        if "gt" not in f:
+            raise ValueError(f"{h5_path}: needs dataset `gt`, has {list(f)}")
+        return int(f["gt"].shape[0])
+
+
+def _load_subbands(
+    reports_dir: Path, prepared_dir: Path, dataset: str, methods: list[str], results: dict[str, dict[str, Any]]
+) -> _Subbands | None:
+    """Average :func:`subband_error_energy` over the reduced-resolution test tiles for fp/bnn/bnnpan.
+
+    A method takes part when it was evaluated and has at least one ``fused/rr_NNN.tif`` of a tile
+    of ``test_rr.h5``; the average runs over the tiles that every taking-part method has, so the
+    methods are compared on the same tiles. None when no method takes part.
+    """
+    candidates = [m for m in methods if m in SUBBAND_METHODS]
+    if not candidates:
+        return None
+    h5_path = prepared_dir / dataset / "test_rr.h5"
+    n = _n_test_tiles(h5_path)
+
+    def rr(m: str, i: int) -> Path:
+        return reports_dir / dataset / m / "fused" / f"rr_{i:03d}.tif"
+
+    have = {m: {i for i in range(n) if rr(m, i).is_file()} for m in candidates}
+    used = [m for m in candidates if have[m]]
+    if not used:
+        return None
+    common = sorted(set.intersection(*(have[m] for m in used)))
+    if not common:
+        raise ValueError(f"{dataset}: the methods {used} have no reduced-resolution fused tile in common "
+                         f"(re-run `bnnpan evaluate`)")
+    info = results[FP_METHOD if FP_METHOD in used else used[0]].get("info", {})
+    cut = int(info.get("border_cut") or 0)
+    total = {m: dict.fromkeys(SUBBANDS, 0.0) for m in used}
+    for i in common:
+        gt, _, _ = _read_tile(h5_path, i)
+        for m in used:
+            e = subband_error_energy(gt, _read_fused(rr(m, i), gt.shape), cut)
+            for s in SUBBANDS:
+                total[m][s] += e[s]
+    energy = {m: {s: v / len(common) for s, v in t.items()} for m, t in total.items()}
+    return _Subbands(used, energy, len(common), cut)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def _ratios_to_fp(sb: _Subbands, m: str) -> dict[str, float | None]:
+    """``E_s(m) / E_s(fp)`` per sub-band, plus "total" and "detail" (the mean of the LH/HL/HH ratios)."""
+    e, ref = sb.energy[m], sb.energy[FP_METHOD]
+    out: dict[str, float | None] = {s: _ratio(e[s], ref[s]) for s in SUBBANDS}
+    out["total"] = _ratio(sum(e.values()), sum(ref.values()))
+    detail = [out[s] for s in DETAIL_BANDS]
+    out["detail"] = None if any(r is None for r in detail) else float(np.mean(detail))
+    return out
+
+
+def _premise(sb: _Subbands) -> str:
+    """One sentence: does bnn lose the detail bands relatively more than fp on this data (computed)."""
+    claim = ("The paper's premise (binarization degrades the detail bands LH/HL/HH relatively more than "
+             "LL, against full precision)")
+    if FP_METHOD not in sb.methods or "bnn" not in sb.methods:
+        present = ", ".join(sb.methods)
+        return f"{claim} cannot be tested on this data: it needs both fp and bnn (present: {present})."
+    r = _ratios_to_fp(sb, "bnn")
+    if r["detail"] is None or r["LL"] is None:
+        return f"{claim} cannot be tested on this data: fp has a zero error energy in some sub-band."
+    verdict = "holds" if r["detail"] > r["LL"] else "does not hold"
+    text = (f"{claim} **{verdict}** on this data: the bnn / fp error-energy ratio is {r['detail']:.3f} on average "
+            f"over LH/HL/HH against {r['LL']:.3f} on LL.")
+    if PROPOSED in sb.methods:
+        q = _ratios_to_fp(sb, PROPOSED)
+        if q["detail"] is not None and q["LL"] is not None:
+            text += f" For bnnpan / fp: {q['detail']:.3f} over LH/HL/HH against {q['LL']:.3f} on LL."
+    return text
+
+
+def _energy(v: float) -> str:
+    """Whole DN² between 1000 and 10^7 (no exponent: easier to compare in a column), else 4 significant digits."""
+    return f"{v:.0f}" if 1e3 <= abs(v) < 1e7 else f"{v:.4g}"
+
+
+def _subband_section(dataset: str, sb: _Subbands) -> list[str]:
+    lines = [
+        "### Sub-band error energy",
+        "",
+        f"One-level orthonormal Haar DWT of the error (fused − GT) of each of the {sb.n_tiles} reduced-resolution "
+        f"test tiles, after a {sb.cut} px border cut: energy per pixel in DN² summed over bands, mean over the "
+        "tiles; by Parseval LL + LH + HL + HH = total, the per-band MSE summed over bands. The rows "
+        "`<method> / fp` divide by full precision's energy in the same sub-band (> 1: that band loses more "
+        "than fp).",
+        "",
+        "| Method | LL | LH | HL | HH | total |",
+        "|:---|---:|---:|---:|---:|---:|",
+    ]
+    for m in sb.methods:
+        e = sb.energy[m]
+        cells = [_energy(e[s]) for s in SUBBANDS] + [_energy(sum(e.values()))]
+        lines.append(f"| {_md(m)} | " + " | ".join(cells) + " |")
+    if FP_METHOD in sb.methods:
+        for m in sb.methods:
+            if m == FP_METHOD:
+                continue
+            r = _ratios_to_fp(sb, m)
+            cells = ["n/a" if r[k] is None else f"{r[k]:.3f}" for k in (*SUBBANDS, "total")]
+            lines.append(f"| {_md(m)} / fp | " + " | ".join(cells) + " |")
+    lines += ["", _premise(sb), "", f"![{dataset}: sub-band error energy](figures/{dataset}_subbands.png)", ""]
+    return lines
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -249,6 +447,72 @@ def _table(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def binary_methods(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
+    """The binary networks, in order: ``info.kind == "network"``, not ``fp`` and not a ``bnnpan_*`` ablation."""
+    return [m for m in methods if (results[m].get("info") or {}).get("kind") == "network"
+            and m != FP_METHOD and not m.startswith(ABLATION_PREFIX)]
+
+
+def _best_binary_line(methods: list[str], results: dict[str, dict[str, Any]]) -> str | None:
+    """"Best binary method: Q2n X (0.xxxx), ERGAS Y (x.xxx)" (ties at the shown precision: all named)."""
+    binary = binary_methods(methods, results)
+    if not binary:
+        return None
+    parts = []
+    for key, label, up in (("q2n", "Q2n", True), ("ergas", "ERGAS", False)):
+        means = {m: _stat(results[m], key)[0] for m in binary}
+        best = [m for m in binary if m in best_methods(means, key, up)]
+        parts.append(f"{label} {' = '.join(map(_md, best))} ({_fmt(means[best[0]], key)})" if best else f"{label} n/a")
+    return "Best binary method: " + ", ".join(parts) + "."
+
+
+def _plain(mean: float | None, key: str) -> str:
+    return "n/a" if mean is None else _fmt(mean, key)
+
+
+def _delta(v: float | None, ref: float | None, key: str) -> str:
+    if v is None or ref is None or not (math.isfinite(v) and math.isfinite(ref)):
+        return "n/a"
+    return f"{v - ref:+.{_decimals(key)}f}"
+
+
+def _ablations(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
+    """The "Ablations" section: bnnpan, then each ``bnnpan_*`` variant in evaluation order; [] without them."""
+    variants = [m for m in methods if m.startswith(ABLATION_PREFIX)]
+    if PROPOSED not in methods or not variants:
+        return []
+    cols = [("q2n", "Q2n", True), ("ergas", "ERGAS", False), ("sam", "SAM °", False), ("psnr", "PSNR dB", True),
+            ("d_s", "D_s", False), ("hqnr", "HQNR", True)]
+    head = ["Variant"] + [f"{label} {_arrow(up)}" for _, label, up in cols] + ["OPs (M) 256²", "ΔQ2n", "ΔERGAS"]
+    ref = results[PROPOSED]
+    legend = []
+    for m in variants:
+        switch = m[len(ABLATION_PREFIX):]
+        what = ABLATION_LEGEND.get(switch, "a user-defined variant (see its configuration)")
+        legend.append(f"`{_md(switch)}`: {what}")
+    lines = [
+        "### Ablations",
+        "",
+        "Each `bnnpan_*` variant changes one part of bnnpan; the cells are means over the test tiles and "
+        "Δ = variant − bnnpan (ΔQ2n < 0 or ΔERGAS > 0: the variant is worse, so the part it removes helps). "
+        "Switches: " + "; ".join(legend) + ".",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|",
+    ]
+    for m in [PROPOSED, *variants]:
+        r = results[m]
+        cells = [_md(m)] + [_plain(_stat(r, key)[0], key) for key, _, _ in cols]
+        ops = _num(((r.get("cost") or {}).get("256") or {}).get("ops"))
+        cells.append("—" if not r.get("cost") else "n/a" if ops is None else f"{ops / 1e6:.1f}")
+        if m == PROPOSED:
+            cells += ["(ref.)", "(ref.)"]
+        else:
+            cells += [_delta(_stat(r, k)[0], _stat(ref, k)[0], k) for k in ("q2n", "ergas")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 HOW_TO_READ = """\
 ## How to read this report
 
@@ -270,9 +534,17 @@ params (thousands of FP32-equivalent parameters), OPs = BOPs / 64 + FLOPs (milli
 64 x 64 and a 256 x 256 input, and the real size of the network file with its binary weights
 packed 8 per byte against the FP32 state_dict; classical methods show —. The last column is the
 mean fusion time per tile at reduced / full resolution (including the hardware, so compare it
-within a run only). Each dataset ends with a bar chart of the indices (error bars = std) and a
-visual comparison of one test tile: the RGB composites share the ground truth's 2-98 % stretch,
-and the error maps (|fused - GT| averaged over bands, in DN) share one colour scale.
+within a run only). Under each table, "Best binary method" names the binary network that ranks
+first on Q2n and on ERGAS (the bold marks are usually won by the full-precision `fp`; the
+`bnnpan_*` ablations are left out of that ranking but stay in the table). Each dataset ends with a
+bar chart of the indices (error bars = std) and a visual comparison of one test tile: the RGB
+composites share the ground truth's 2-98 % stretch, and the error maps (|fused - GT| averaged over
+bands, in DN) share one colour scale. Where `fp`, `bnn` or `bnnpan` was evaluated, a sub-band
+section splits their error by a one-level Haar wavelet transform into LL (smooth content) and
+LH/HL/HH (details) to test the premise that binarization loses the details relatively more; where
+`bnnpan` and its `bnnpan_*` variants were evaluated, an ablation table gives each variant's change
+of Q2n and ERGAS against `bnnpan`. A cell without a value (not computed, e.g. the full-resolution
+indices of `bnnpan_oracle_prior`, whose prior needs the ground truth) reads n/a.
 """
 
 
@@ -387,6 +659,68 @@ def _metrics_figure(dataset: str, methods: list[str], results: dict[str, dict[st
         f"{dataset}: mean ± std over the test tiles    RR = reduced resolution (Wald protocol, "
         "reference = original MS); FR = full resolution (no reference); black outline = best",
         fontsize=11,
+    )
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def _grouped_bars(ax: plt.Axes, groups: list[str], series: dict[str, list[float | None]], colour: dict[str, Any],
+                  fmt: str) -> None:
+    """One group of bars per entry of ``groups``, one bar per series; None is drawn as "n/a"."""
+    k = len(series)
+    width = 0.8 / max(k, 1)
+    x = np.arange(len(groups))
+    for j, (name, values) in enumerate(series.items()):
+        pos = x + (j - (k - 1) / 2) * width
+        heights = [np.nan if v is None or not math.isfinite(v) else v for v in values]
+        ax.bar(pos, np.nan_to_num(heights), width, label=name, color=colour[name])
+        for xi, v in zip(pos, values, strict=True):
+            text = "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
+            y = v if v is not None and math.isfinite(v) and v > 0 else None
+            if y is None:
+                ax.text(xi, 0.02, text, ha="center", va="bottom", fontsize=7, color="0.3", rotation=90,
+                        transform=ax.get_xaxis_transform())
+            else:
+                ax.annotate(text, (xi, y), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                            fontsize=7 if k <= 3 else 6, rotation=0 if k <= 2 else 90, color="0.2")
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups)
+    positive = [v for vs in series.values() for v in vs if v is not None and math.isfinite(v) and v > 0]
+    if positive and len(positive) == sum(len(vs) for vs in series.values()):
+        ax.set_yscale("log")
+        lo, hi = min(positive), max(positive)
+        ax.set_ylim(lo / 2, hi * (4 if k > 2 else 2))
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def _subband_figure(dataset: str, sb: _Subbands, path: Path) -> Path:
+    """Left: mean error energy per Haar sub-band per method; right: each method's energy / fp's, per band."""
+    colours = plt.get_cmap("tab10")
+    colour = {m: colours(SUBBAND_METHODS.index(m) % colours.N) for m in sb.methods}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.8))
+    _grouped_bars(left, list(SUBBANDS), {m: [sb.energy[m][s] for s in SUBBANDS] for m in sb.methods}, colour, ".3g")
+    left.set_title("error energy per sub-band (DN² per pixel, log scale)", fontsize=10, loc="left")
+    others = [m for m in sb.methods if m != FP_METHOD]
+    if FP_METHOD in sb.methods and others:
+        ratios = {m: _ratios_to_fp(sb, m) for m in others}
+        groups = [*SUBBANDS, "LH/HL/HH\nmean"]
+        _grouped_bars(right, groups, {m: [ratios[m][s] for s in (*SUBBANDS, "detail")] for m in others}, colour,
+                      ".2f")
+        right.axhline(1.0, color="0.3", lw=1, ls="--")
+        right.axvline(3.5, color="0.6", lw=0.8, ls=":")
+        right.set_title("energy / fp's energy in the same band (> 1: loses more than fp)", fontsize=10, loc="left")
+    else:
+        why = "fp was not evaluated" if FP_METHOD not in sb.methods else "no method besides fp"
+        right.text(0.5, 0.5, f"no ratio to full precision:\n{why}", ha="center", va="center", fontsize=11,
+                   color="0.3", transform=right.transAxes)
+        right.set_xticks([])
+        right.set_yticks([])
+    fig.suptitle(
+        f"{dataset}: one-level Haar DWT of the error (fused − GT), mean over {sb.n_tiles} reduced-resolution "
+        f"test tiles, border cut {sb.cut} px; LL = smooth content, LH/HL/HH = details",
+        fontsize=10,
     )
     fig.tight_layout()
     return _save_fig(fig, path)
@@ -526,12 +860,14 @@ def build_report(
     prepared_dir: Path = Path("data/prepared"),
     tile: int = 0,
 ) -> dict[str, Path]:
-    """Write ``summary.md``, ``metrics.csv`` and two figures per dataset for the given pairs.
+    """Write ``summary.md``, ``metrics.csv`` and two or three figures per dataset for the given pairs.
 
     ``pairs`` are the (dataset, method) combinations the current parameters evaluate, in the
     order they should appear. Returns ``{"summary": ..., "metrics_csv": ...,
-    "<dataset>_metrics": ..., "<dataset>_visual": ...}``. A listed pair without
-    ``metrics.json`` is a :class:`ValueError` naming the file.
+    "<dataset>_metrics": ..., "<dataset>_visual": ...}`` and ``"<dataset>_subbands"``
+    (``figures/<dataset>_subbands.png``) for each dataset where any of fp, bnn, bnnpan was evaluated
+    and has fused reduced-resolution tiles. A listed pair without ``metrics.json`` is a
+    :class:`ValueError` naming the file.
     """
     reports_dir, prepared_dir = Path(reports_dir), Path(prepared_dir)
     if not pairs:
@@ -546,11 +882,13 @@ def build_report(
     tiles: dict[str, dict[str, pd.DataFrame | None]] = {}
     manifests: dict[str, dict[str, Any]] = {}
     visuals: dict[str, _Visual] = {}
+    subbands: dict[str, _Subbands | None] = {}
     for d, methods in order.items():
         results[d] = {m: _load_metrics(reports_dir / d / m / "metrics.json") for m in methods}
         tiles[d] = {m: _load_tiles(reports_dir / d / m / "tiles.csv") for m in methods}
         manifests[d] = _load_manifest(prepared_dir / d / "manifest.json")
         visuals[d] = _load_visual(reports_dir, prepared_dir, d, methods, tile)
+        subbands[d] = _load_subbands(reports_dir, prepared_dir, d, methods, results[d])
 
     written: dict[str, Path] = {}
     fig_dir = reports_dir / "figures"
@@ -559,6 +897,9 @@ def build_report(
         written[f"{d}_visual"] = _visual_figure(
             d, methods, results[d], tiles[d], visuals[d], fig_dir / f"{d}_visual.png"
         )
+        sb = subbands[d]
+        if sb is not None:
+            written[f"{d}_subbands"] = _subband_figure(d, sb, fig_dir / f"{d}_subbands.png")
 
     # metrics.csv
     rows = []
@@ -594,6 +935,9 @@ def build_report(
     ]
     for d, methods in order.items():
         lines += [f"## {d}", "", _conventions(results[d], methods), "", *_table(methods, results[d]), ""]
+        best_binary = _best_binary_line(methods, results[d])
+        if best_binary:
+            lines += [best_binary, ""]
         lines += [_tile_counts(methods, results[d]), "", "Scenes (licence and attribution):", ""]
         lines += _scenes(manifests[d])
         lines += [
@@ -603,6 +947,9 @@ def build_report(
             f"![{d}: visual comparison of reduced-resolution test tile {tile}](figures/{d}_visual.png)",
             "",
         ]
+        if subbands[d] is not None:
+            lines += _subband_section(d, subbands[d])
+        lines += _ablations(methods, results[d])
     text = "\n".join(lines).rstrip() + "\n"
     written["summary"] = _atomic(reports_dir / "summary.md", lambda t: t.write_text(text, encoding="utf-8"))
     return written

@@ -174,6 +174,24 @@ def training_loss(out: torch.Tensor, gt: torch.Tensor, cfg: TrainConfig) -> torc
     return loss
 
 
+def model_loss(net: nn.Module, wants_gt: bool, lms: torch.Tensor, pan: torch.Tensor, gt: torch.Tensor,
+               cfg: TrainConfig) -> torch.Tensor:
+    """The loss of one batch. Most networks are ``net(lms, pan) -> out`` and get :func:`training_loss`.
+
+    A network with ``wants_gt = True`` (BNNPan's latent prior: the oracle encoder E1 sees the reference) is
+    called as ``net(lms, pan, gt)`` and may return ``(out, aux_loss)``: the auxiliary loss (e.g. the latent
+    L1 of the diffusion prior) is added; ``out = None`` means the image loss is not used (prior pretraining).
+    """
+    res = net(lms, pan, gt) if wants_gt else net(lms, pan)
+    out, aux = res if isinstance(res, tuple) else (res, None)
+    if out is None and aux is None:
+        raise ValueError("the network returned neither an output nor a loss")
+    loss = training_loss(out, gt, cfg) if out is not None else None
+    if aux is not None:
+        loss = aux if loss is None else loss + aux
+    return loss
+
+
 # -------------------------------------------------------------------------------------- sampler
 
 
@@ -366,7 +384,7 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     try:
         for b in loader:
             lms, pan, gt = (b[k].to(device, non_blocking=True) for k in ("lms", "pan", "gt"))
-            out = model(lms, pan).float()
+            out = (model(lms, pan, gt) if getattr(model, "wants_gt", False) else model(lms, pan)).float()
             err = out - gt
             abs_sum += float(err.abs().sum(dtype=torch.float64))
             count += err.numel()
@@ -510,6 +528,7 @@ def _train(model: nn.Module, train_path: Path, valid_path: Path | None, cfg: Tra
             curve = [r for r in curve if r[0] <= start]
             log.info("resuming %s from step %d", ckpt_path, start)
 
+    wants_gt = bool(getattr(model, "wants_gt", False))
     net: nn.Module = model
     if distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -581,8 +600,7 @@ def _train(model: nn.Module, train_path: Path, valid_path: Path | None, cfg: Tra
             _set_progress(model, step / cfg.iterations)
             lms, pan, gt = (batch[k].to(dev, non_blocking=True) for k in ("lms", "pan", "gt"))
             lr = float(opt.param_groups[0]["lr"])
-            out = net(lms, pan)
-            loss = training_loss(out, gt, cfg)
+            loss = model_loss(net, wants_gt, lms, pan, gt, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:

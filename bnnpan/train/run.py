@@ -28,27 +28,46 @@ def _threads() -> None:
     torch.set_num_threads(n)
 
 
+def prior_file(params: Params, dataset: str) -> Path:
+    """Where ``pretrain-prior`` writes a dataset's latent prior (E1, E2, denoiser)."""
+    return Path(params.paths.models) / dataset / "prior.pt"
+
+
 def train_method(params: Params, dataset: str, method: str, *, track: bool = True, resume: bool = True,
                  progress: bool = True) -> dict[str, Any]:
     prepared = Path(params.paths.prepared) / dataset
     attrs = read_attrs(prepared / "train.h5")
     manifest = json.loads((prepared / "manifest.json").read_text())
-    over = params.train.methods.get(method)
+    network = params.network_of(method)
     net_cfg = NetConfig(in_channels=len(attrs["bands"]), width=params.model.width, depth=params.model.depth,
-                        ratio=int(attrs["ratio"]), extra=dict(over.extra) if over else {},
+                        ratio=int(attrs["ratio"]), extra=params.network_extra(method),
                         zero_init_tail=params.model.zero_init_tail)
     recipe = params.train.resolved(method)
     tcfg = TrainConfig(seed=params.seed, **recipe)
+    prior_path = prior_file(params, dataset) if method in params.prior_methods() else None
+    prior_sha = None
+    if prior_path is not None:
+        if not prior_path.is_file():
+            raise FileNotFoundError(f"{prior_path}: {method} needs the pretrained latent prior; run "
+                                    f"`bnnpan pretrain-prior --dataset {dataset}` first")
+        prior_sha = hashlib.sha256(prior_path.read_bytes()).hexdigest()
     digest = hashlib.sha256(json.dumps({
-        "method": method, "dataset": dataset, "net": asdict(net_cfg), "train": recipe, "seed": params.seed,
-        "data": manifest["files"]["train.h5"]["sha256"],
+        "method": method, "network": network, "dataset": dataset, "net": asdict(net_cfg), "train": recipe,
+        "seed": params.seed, "data": manifest["files"]["train.h5"]["sha256"], "prior": prior_sha,
     }, sort_keys=True, default=str).encode()).hexdigest()
     _threads()
     torch.manual_seed(params.seed)
-    model = build_network(method, net_cfg)
+    model = build_network(network, net_cfg)
+    if prior_path is not None:
+        from bnnpan.train.loop import load_checkpoint
+
+        try:
+            model.load_prior(load_checkpoint(prior_path)["model"])
+        except ValueError as e:
+            raise ValueError(f"{prior_path}: {e}; re-run `bnnpan pretrain-prior --dataset {dataset}`") from None
     out = Path(params.paths.models) / dataset / f"{method}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"name": method, **asdict(net_cfg)}
+    meta = {"name": network, "method": method, **asdict(net_cfg)}
     kwargs = dict(device=params.device, progress=progress, resume=resume, net_meta=meta,
                   scale=float(attrs["scale"]), params_digest=digest)
     if not track:
@@ -56,8 +75,10 @@ def train_method(params: Params, dataset: str, method: str, *, track: bool = Tru
     from bnnpan import tracking
 
     with tracking.stage_run(params, f"train_{dataset}_{method}", {"dataset": dataset, "method": method}):
-        tracking.log_params({"method": method, "dataset": dataset, "seed": params.seed, "device": params.device,
-                             **{f"model.{k}": v for k, v in asdict(net_cfg).items()},
+        tracking.log_params({"method": method, "network": network, "dataset": dataset, "seed": params.seed,
+                             "device": params.device,
+                             **{f"model.{k}": v for k, v in asdict(net_cfg).items() if k != "extra"},
+                             **{f"model.extra.{k}": v for k, v in net_cfg.extra.items()},
                              **{f"train.{k}": v for k, v in recipe.items()}})
         result = train(model, prepared / "train.h5", prepared / "valid.h5", tcfg, out,
                        log_fn=lambda metrics, step: tracking.log_metrics(metrics, step=step), **kwargs)

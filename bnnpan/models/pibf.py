@@ -1,0 +1,135 @@
+"""BNNPan's Prior-Integrated Binary Frequency (PIBF) module and its three parts: BWTC, LDPC injection, CDC.
+
+Paper: Hou et al., "Binarized Neural Network for Multi-spectral Image Fusion", CVPR 2025. The paper's code is
+not public; this is our reconstruction (``shared/design/method.md``), every choice a switch:
+
+    PIBF(x, z) = x + CDC(LDPC(BWTC(x), z))
+
+* **BWTC** (:class:`BWTC`): one-level Haar DWT of x into LL/LH/HL/HH, one binary unit per sub-band
+  (a grouped conv, ``groups=4``: block-diagonal, so the units are independent), IDWT back, plus a binary
+  unit on the full-resolution base branch. Each unit (:class:`StatBinaryUnit`) is informed by the
+  full-precision statistics of its input s: ``s' = sd_s * RPReLU(binconv((s - mu_s) / sd_s))``, mu/sd per
+  image and channel. The FP feature itself travels on the PIBF's identity shortcut, so BWTC returns only the
+  binary residual ``IDWT(s'_bands) + s'_base`` (= the design's "rescale by sd_s and add back to s", with the
+  add-back moved to the shortcut: the IDWT is linear). Why: LL is positive-biased and smooth, the detail bands
+  zero-mean and heavy-tailed; one sign threshold and one scale cannot fit both, and the sd rescale puts each
+  binary output on its sub-band's own scale (an input-adaptive form of BBCU's residual alignment).
+* **LDPC injection** (:class:`LatentAffine`): ``F <- F * (1 + Linear_g(z)) + Linear_b(z)``, full precision,
+  zero-initialised (identity at the start). z comes from :mod:`bnnpan.models.prior`.
+* **CDC** (:class:`CDC`): ``y <- y * 2 sigmoid(MLP_a(GAP(y))) + MLP_b(GAP(y))``, per channel, input dependent.
+  Our choice: the factor 2 and a zero-initialised last layer make CDC the identity at the start.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnnpan.models.layers import BinaryConv2d, RPReLU
+from bnnpan.models.wavelet import HaarDWT, HaarIDWT
+
+EPS = 1e-12  # on the variance: features of data divided by the sensor scale have sub-band stds of 1e-5..1e-2
+
+
+class StatBinaryUnit(nn.Module):
+    """One binary 3x3 unit, re-centred and rescaled by the FP statistics of its input (``fp_stats``).
+
+    ``fp_stats=True``:  ``y = sd * RPReLU(binconv((s - mu) / sd))``, mu and sd = sqrt(var + eps) the per-image,
+    per-channel mean and std of s (reduced over H, W), differentiable.
+    ``fp_stats=False``: ``y = RPReLU(binconv(s))`` (the ablation: one threshold and one scale for every band).
+    binconv: activation sign(u + b) (b learnable per channel) with the ApproxSign backward, weights
+    mean|W| sign(W) per output channel -- BBCU's unit. ``groups`` independent units side by side.
+    """
+
+    def __init__(self, channels: int, groups: int = 1, fp_stats: bool = True) -> None:
+        super().__init__()
+        self.fp_stats = bool(fp_stats)
+        self.conv = BinaryConv2d(channels, channels, groups=groups, act="learnable_bias_sign",
+                                 act_kwargs={"backward": "approx"}, weight="mean_abs")
+        self.act = RPReLU(channels)
+
+    def forward(self, s: Tensor) -> Tensor:
+        if not self.fp_stats:
+            return self.act(self.conv(s))
+        var, mu = torch.var_mean(s, dim=(2, 3), keepdim=True, correction=0)
+        sd = torch.sqrt(var + EPS)
+        return sd * self.act(self.conv((s - mu) / sd))
+
+    def extra_repr(self) -> str:
+        return f"fp_stats={self.fp_stats}"
+
+
+class BWTC(nn.Module):
+    """Binary Wavelet Transform Convolution: ``IDWT(units_LL,LH,HL,HH(DWT(x))) + unit_base(x)`` (binary residual).
+
+    Odd H or W are replicate-padded by one row/column for the transform and cropped after.
+    """
+
+    def __init__(self, channels: int, fp_stats: bool = True, base: bool = False) -> None:
+        super().__init__()
+        self.dwt, self.idwt = HaarDWT(channels), HaarIDWT(channels)
+        self.bands = StatBinaryUnit(4 * channels, groups=4, fp_stats=fp_stats)
+        self.base = StatBinaryUnit(channels, fp_stats=fp_stats) if base else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        xp = x
+        if h % 2 or w % 2:
+            xp = nn.functional.pad(x, (0, w % 2, 0, h % 2), mode="replicate")
+        r = self.idwt(self.bands(self.dwt(xp)))[..., :h, :w]
+        return r if self.base is None else r + self.base(x)
+
+
+class LatentAffine(nn.Module):
+    """LDPC injection: ``F * (1 + g(z)) + b(z)``, g and b linear maps R^L -> R^D, zero-initialised."""
+
+    def __init__(self, latent_dim: int, channels: int) -> None:
+        super().__init__()
+        self.g = nn.Linear(latent_dim, channels)
+        self.b = nn.Linear(latent_dim, channels)
+        for lin in (self.g, self.b):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, f: Tensor, z: Tensor) -> Tensor:
+        return f * (1 + self.g(z)[..., None, None]) + self.b(z)[..., None, None]
+
+
+class CDC(nn.Module):
+    """Channel-wise Distribution Calibration: ``y * 2 sigmoid(a) + b``, ``[a, b] = MLP(GAP(y))`` (identity at init)."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(4, channels // reduction)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, 2 * channels)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, y: Tensor) -> Tensor:
+        a, b = self.fc2(self.act(self.fc1(y.mean(dim=(2, 3))))).chunk(2, dim=1)
+        return y * (2 * torch.sigmoid(a))[..., None, None] + b[..., None, None]
+
+
+class PIBF(nn.Module):
+    """``x + CDC(LDPC(BWTC(x), z))``; ``base=False``: BWTC without its full-resolution base unit;
+    ``bwtc=False``: a single full-resolution :class:`StatBinaryUnit` instead of BWTC; ``latent_dim=0``: no
+    injection; ``cdc=False``: no calibration."""
+
+    def __init__(self, channels: int, *, bwtc: bool = True, fp_stats: bool = True, cdc: bool = True,
+                 latent_dim: int = 0, base: bool = False) -> None:
+        super().__init__()
+        self.binary = BWTC(channels, fp_stats, base) if bwtc else StatBinaryUnit(channels, fp_stats=fp_stats)
+        self.inject = LatentAffine(latent_dim, channels) if latent_dim > 0 else None
+        self.cdc = CDC(channels) if cdc else None
+
+    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        r = self.binary(x)
+        if self.inject is not None:
+            if z is None:
+                raise ValueError("this PIBF injects a latent prior: z is required")
+            r = self.inject(r, z)
+        if self.cdc is not None:
+            r = self.cdc(r)
+        return x + r
