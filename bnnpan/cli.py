@@ -321,6 +321,7 @@ def run(
     --params file the stages run in order directly, without Snakemake or DVC.
     """
     from bnnpan import tracking
+    from bnnpan.atomic import KEEP_ENV
     from bnnpan.pipeline import build_stages, render_dvc_yaml
 
     p = load_params(params)
@@ -337,8 +338,11 @@ def run(
             if commit:
                 _run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], env)
         else:
+            # Outside Snakemake: an output identical to the existing one is left untouched (bnnpan.atomic),
+            # so a profile that shares stages with params.yaml does not make the default DAG look stale.
+            direct = {**env, KEEP_ENV: "1"}
             for s in build_stages(p):
-                _run([*s.cmd, "--params", str(params)], env)
+                _run([*s.cmd, "--params", str(params)], direct)
         ok = True
     finally:
         tracking.end_pipeline(parent, ok)

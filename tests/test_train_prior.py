@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from bnnpan.config import Params
-from bnnpan.train.loop import load_checkpoint
+from bnnpan.train.loop import CheckpointError, load_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one intra-op thread (conftest.py)
 
 
 def params(prepared: Path, models: Path, **methods) -> Params:
@@ -68,16 +62,32 @@ def test_pretrain_then_methods_load_the_prior(prepared_landsat: Path, tmp_path: 
     assert all(torch.equal(o[k], s2[k]) for k in o if k.startswith("prior.e1."))
 
 
+def test_finetuned_prior_trains_e2_with_the_body(prepared_landsat: Path, tmp_path: Path) -> None:
+    """prior.mode = finetune: E2 + denoiser move with the body (latent L1 to the frozen E1 added), E1 stays."""
+    from bnnpan.train.prior import pretrain_prior
+    from bnnpan.train.run import train_method
+
+    p = params(prepared_landsat, tmp_path / "models", bnnpan={})
+    pretrain_prior(p, prepared_landsat.name, track=False, progress=False)
+    d = tmp_path / "models" / prepared_landsat.name
+    s2 = load_checkpoint(d / "prior.pt")["model"]
+    ft = p.model_copy(update={"prior": p.prior.model_copy(update={"mode": "finetune", "latent_weight": 0.5})})
+    train_method(ft, prepared_landsat.name, "bnnpan", track=False, progress=False)
+    m = load_checkpoint(d / "bnnpan.pt")["model"]
+    assert all(torch.equal(m[k], s2[k]) for k in m if k.startswith("prior.e1."))
+    assert any(not torch.equal(m[k], s2[k]) for k in m if k.startswith("prior.e2."))
+
+
 def test_missing_or_mismatched_prior_is_a_clear_error(prepared_landsat: Path, tmp_path: Path) -> None:
     from bnnpan.train.prior import pretrain_prior
     from bnnpan.train.run import train_method
 
     p = params(prepared_landsat, tmp_path / "models")
-    with pytest.raises(FileNotFoundError, match="pretrain-prior"):
+    with pytest.raises(CheckpointError, match="pretrain-prior"):
         train_method(p, prepared_landsat.name, "bnnpan", track=False, progress=False)
     pretrain_prior(p, prepared_landsat.name, track=False, progress=False)
     other = p.model_copy(update={"prior": p.prior.model_copy(update={"latent_dim": 32})})
-    with pytest.raises(ValueError, match="re-run `bnnpan pretrain-prior"):
+    with pytest.raises(CheckpointError, match="re-run `bnnpan pretrain-prior"):
         train_method(other, prepared_landsat.name, "bnnpan", track=False, progress=False)
 
 

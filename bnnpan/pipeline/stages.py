@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from bnnpan.config import Params
+from bnnpan.report import SUBBAND_METHODS
 
 # Code each stage depends on (DVC re-runs a stage when these change; .dvcignore drops caches).
 FETCH_CODE = ["bnnpan/data/sources.py", "bnnpan/data/landsat.py", "bnnpan/data/stac.py",
@@ -33,8 +34,6 @@ TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datase
 BNNPAN_CODE = ["bnnpan/models/bnnpan.py", "bnnpan/models/pibf.py", "bnnpan/models/prior.py",
                "bnnpan/models/wavelet.py"]
 PRIOR_CODE = TRAIN_CODE + BNNPAN_CODE + ["bnnpan/train/prior.py"]
-#: report figure of the per-sub-band error energy, drawn when one of these methods is evaluated
-SUBBAND_METHODS = ("fp", "bnn", "bnnpan")
 NETWORK_EVAL_CODE = ["bnnpan/models/checkpoint.py", "bnnpan/eval/cost.py"]
 
 
@@ -112,12 +111,11 @@ def _build(params: Params) -> list[Stage]:
 
     prior_methods = set(params.prior_methods())
     for ds in dict.fromkeys(d for d, m in trained if m in prior_methods):
-        bnnpan_method = ("train.methods.bnnpan",) if "bnnpan" in params.train.methods else ()
         stages.append(Stage(
             name=f"pretrain_prior_{ds}",
             cmd=("bnnpan", "pretrain-prior", "--dataset", ds),
             deps=tuple(PRIOR_CODE + [f"{p.prepared}/{ds}"]),
-            params=("seed", "device", "model", "train.defaults", "prior", *bnnpan_method),
+            params=("seed", "device", "model", "train.defaults", "prior"),
             outs=(f"{p.models}/{ds}/prior_stage1.pt", f"{p.models}/{ds}/prior.pt"),
             plots=(f"{p.models}/{ds}/prior_stage1_curve.csv", f"{p.models}/{ds}/prior_curve.csv"),
             resources={"train": 1},

@@ -56,6 +56,7 @@ import rasterio  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from bnnpan.atomic import atomic_path  # noqa: E402
+from bnnpan.report import SUBBAND_METHODS
 
 # (key, label, higher_is_better), in table order.
 METRICS: list[tuple[str, str, bool]] = [
@@ -81,7 +82,6 @@ VISUAL_COLUMNS = 6  # panels per row of the visual comparison (GT + 5 methods)
 # methods it compares (full precision, its plain-BNN twin, the proposed network).
 SUBBANDS = ("LL", "LH", "HL", "HH")
 DETAIL_BANDS = ("LH", "HL", "HH")
-SUBBAND_METHODS = ("fp", "bnn", "bnnpan")
 FP_METHOD = "fp"
 PROPOSED = "bnnpan"
 ABLATION_PREFIX = "bnnpan_"

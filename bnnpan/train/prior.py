@@ -9,8 +9,8 @@
    ``prior.stage2_lr``. Its validation fuses with the *sampled* z (fixed seed), the test-time path.
 
 Both steps resume from their own ``.ckpt`` like every training; the resume digest of stage 2 includes stage
-1's final file, so a new stage 1 restarts stage 2. The switches of the network (BWTC, FP statistics, CDC)
-are the ``bnnpan`` method's (``train.methods.bnnpan.extra``) when it is listed, else the defaults.
+1's final file, so a new stage 1 restarts stage 2. The switches of the stage-1 network (BWTC, FP statistics,
+CDC) are the full method's unless ``prior.network`` sets them.
 """
 
 from __future__ import annotations
@@ -26,17 +26,20 @@ import torch
 from bnnpan.config import Params
 from bnnpan.data.hdf5io import read_attrs
 from bnnpan.models.bnnpan import BNNPanNet, BNNPanSwitches
-from bnnpan.train.loop import TrainConfig, load_checkpoint, train
+from bnnpan.train.loop import CheckpointError, TrainConfig, load_checkpoint, train
 from bnnpan.train.run import _threads, prior_file
 
 
 def prior_switches(params: Params) -> dict[str, Any]:
-    """The BNNPan switches the prior is pretrained with (the ``bnnpan`` method's, else the defaults)."""
-    if "bnnpan" in params.train.methods:
-        sw = params.network_extra("bnnpan")
-    else:
-        sw = params.prior.switches()
-    return {k: v for k, v in sw.items() if k in BNNPanSwitches.keys()}
+    """The BNNPan switches the prior is pretrained with: the ``prior`` section's, ``prior.network`` on top.
+
+    Only E1 / E2 / the denoiser leave this stage (every BNNPan method trains its own body), so the stage-1
+    network need not match a method's switches; it depends on the ``prior`` section alone, and a method's
+    recipe (e.g. its lr) does not re-run the prior.
+    """
+    sw = {**params.prior.switches(), **params.prior.network}
+    BNNPanSwitches.from_dict(sw)  # an unknown switch is an error here, not deep inside a run
+    return sw
 
 
 def _digest(blob: dict[str, Any]) -> str:
@@ -95,7 +98,7 @@ def pretrain_prior(params: Params, dataset: str, *, track: bool = True, resume: 
         missing, unexpected = net2.load_state_dict(state1, strict=False)
         fresh = ("prior.e2.", "prior.denoiser.")
         if unexpected or any(not k.startswith(fresh) for k in missing):
-            raise RuntimeError(f"{out1}: stage-1 network does not match stage 2 (missing {missing[:3]}, "
+            raise CheckpointError(f"{out1}: stage-1 network does not match stage 2 (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
         r2 = train(net2, prepared / "train.h5", prepared / "valid.h5", TrainConfig(seed=params.seed, **rec2), out2,
                    device=params.device, progress=progress, resume=resume, net_meta=meta("bnnpan_prior", sw2),

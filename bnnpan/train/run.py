@@ -19,7 +19,7 @@ import torch
 from bnnpan.config import Params
 from bnnpan.data.hdf5io import read_attrs
 from bnnpan.models.networks import NetConfig, build_network
-from bnnpan.train.loop import TrainConfig, train
+from bnnpan.train.loop import CheckpointError, TrainConfig, load_checkpoint, train
 
 
 def _threads() -> None:
@@ -48,7 +48,7 @@ def train_method(params: Params, dataset: str, method: str, *, track: bool = Tru
     prior_sha = None
     if prior_path is not None:
         if not prior_path.is_file():
-            raise FileNotFoundError(f"{prior_path}: {method} needs the pretrained latent prior; run "
+            raise CheckpointError(f"{prior_path}: {method} needs the pretrained latent prior; run "
                                     f"`bnnpan pretrain-prior --dataset {dataset}` first")
         prior_sha = hashlib.sha256(prior_path.read_bytes()).hexdigest()
     digest = hashlib.sha256(json.dumps({
@@ -59,12 +59,10 @@ def train_method(params: Params, dataset: str, method: str, *, track: bool = Tru
     torch.manual_seed(params.seed)
     model = build_network(network, net_cfg)
     if prior_path is not None:
-        from bnnpan.train.loop import load_checkpoint
-
         try:
             model.load_prior(load_checkpoint(prior_path)["model"])
         except ValueError as e:
-            raise ValueError(f"{prior_path}: {e}; re-run `bnnpan pretrain-prior --dataset {dataset}`") from None
+            raise CheckpointError(f"{prior_path}: {e}; re-run `bnnpan pretrain-prior --dataset {dataset}`") from None
     out = Path(params.paths.models) / dataset / f"{method}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"name": network, "method": method, **asdict(net_cfg)}
