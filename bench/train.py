@@ -54,8 +54,9 @@ def main() -> None:
         recipe = {**p.train.resolved(method), "iterations": args.steps, "val_every": 0, "ckpt_every": 0}
         cfg = TrainConfig(seed=p.seed, **recipe)
         torch.manual_seed(p.seed)
-        net = build_network(method, NetConfig(in_channels=len(attrs["bands"]), width=p.model.width,
-                                              depth=p.model.depth, ratio=int(attrs["ratio"])))
+        net = build_network(p.network_of(method), NetConfig(
+            in_channels=len(attrs["bands"]), width=p.model.width, depth=p.model.depth, ratio=int(attrs["ratio"]),
+            extra=p.network_extra(method)))  # BNNPan: its prior is randomly initialised here (speed only)
         r = train(net, prepared / "train.h5", None, cfg, work / f"{method}.pt", progress=False, resume=False)
         rows.append((method, r["patches_per_s"], cfg.batch_size / r["patches_per_s"]))
     fp_step = dict((m, s) for m, _, s in rows).get("fp")
