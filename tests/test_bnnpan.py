@@ -17,6 +17,11 @@ from bnnpan.models.prior import LatentPrior, make_scheduler
 from bnnpan.models.wavelet import BANDS, HaarDWT, HaarIDWT
 from bnnpan.train.loop import TrainConfig, model_loss
 
+try:
+    from tests.binary_recording import recorded_binary_convs
+except ImportError:  # pytest run from inside tests/
+    from binary_recording import recorded_binary_convs
+
 SMALL = dict(latent_dim=16, prior_width=8)
 
 
@@ -73,37 +78,6 @@ def test_bwtc_handles_odd_sizes() -> None:
 
 
 # ------------------------------------------------------------------------------------------- binary units
-def recorded_binary_convs(model: nn.Module, run, monkeypatch: pytest.MonkeyPatch):
-    """Run ``run()`` recording, for every BinaryConv2d call, what it passes to F.conv2d."""
-    active: list[nn.Module] = []
-    seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-    real = F.conv2d
-
-    def recording(x, w, *args, **kwargs):
-        if active:
-            seen.append((active[-1], x.detach().clone(), w.detach().clone()))
-        return real(x, w, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
-    def enter(mod: nn.Module, inp: tuple) -> None:
-        active.append(mod)
-
-    def leave(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        active.pop()
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, BinaryConv2d):
-            handles.append(m.register_forward_pre_hook(enter))
-            handles.append(m.register_forward_hook(leave))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 @pytest.mark.parametrize("base", [False, True])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_binary_conv_sees_pm1_inputs_and_pm_alpha_weights(variant: str, base: bool, monkeypatch) -> None:

@@ -14,6 +14,11 @@ from bnnpan.models.bnnpan import VARIANTS
 from bnnpan.models.layers import BinaryConv2d, XNORBlock, bbcu_default_k
 from bnnpan.models.networks import EXTRA_KEYS, NETWORKS, NetConfig, build_network
 
+try:
+    from tests.binary_recording import recorded_binary_convs
+except ImportError:  # pytest run from inside tests/
+    from binary_recording import recorded_binary_convs
+
 # The baselines of the method table (one binary conv per block); BNNPan has its own tests (test_bnnpan.py).
 BASELINES = [n for n in NETWORKS if n not in VARIANTS]
 BINARY = [n for n in BASELINES if n != "fp"]
@@ -60,30 +65,16 @@ def test_forward_backward_and_binary_conv_inputs(name: str, bands: int, monkeypa
     convs = binary_convs(model)
     assert len(convs) == (0 if name == "fp" else DEPTH)
 
-    active: list[nn.Module] = []
-    seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-    real_conv2d = F.conv2d
-
-    def recording_conv2d(x, w, *args, **kwargs):
-        if active:
-            seen.append((active[-1], x.detach().clone(), w.detach().clone()))
-        return real_conv2d(x, w, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
-    def enter(mod: nn.Module, inp: tuple) -> None:
-        active.append(mod)
-
-    def leave(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        active.pop()
-
-    for m in convs:
-        m.register_forward_pre_hook(enter)
-        m.register_forward_hook(leave)
-
     lms, pan = inputs(bands)
-    out = model(lms, pan)
+    outs = []
+
+    def run() -> None:
+        outs.append(model(lms, pan))
+        F.l1_loss(outs[0], lms * 1.1).backward()
+
+    seen = recorded_binary_convs(model, run, monkeypatch)
+    out = outs[0]
     assert out.shape == lms.shape and torch.isfinite(out).all()
-    F.l1_loss(out, lms * 1.1).backward()
 
     assert [m for m, _, _ in seen] == convs  # each binary conv ran exactly once, through F.conv2d
     for m, x, w in seen:

@@ -91,6 +91,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
         fuser = NetworkFuser(Path(params.paths.models) / dataset / f"{method}.pt", device=params.device)
     else:
         fuser = build_method(method, ctx)
+    needs_ref = bool(getattr(fuser, "needs_reference", False))  # oracle prior: reduced resolution only
     scenes = list(attrs["scenes"])
     # D_s degrades the PAN the way the dataset was prepared (see metrics_fr.d_s).
     pan_degradation = (attrs.get("settings") or {}).get("pan_degradation", "bicubic")
@@ -101,18 +102,18 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
 
     with h5py.File(rr_path, "r") as frr, h5py.File(fr_path, "r") as ffr:
         n_rr, n_fr = len(frr["pan"]), len(ffr["pan"])
-        total, done = n_rr + (0 if getattr(fuser, "needs_reference", False) else n_fr), 0
+        total, done = n_rr + (0 if needs_ref else n_fr), 0
         fused_dir = out_dir / "fused"
         fused_dir.parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(fused_dir) as tmp_fused:
             for res, f, n in (("reduced", frr, n_rr), ("full", ffr, n_fr)):
-                if res == "full" and getattr(fuser, "needs_reference", False):
+                if res == "full" and needs_ref:
                     continue  # the oracle prior sees the reference: there is none at full resolution
                 for i in range(n):
                     lms = f["lms"][i].astype(np.float64)
                     pan = f["pan"][i, 0].astype(np.float64)
                     ms = f["ms"][i].astype(np.float64)
-                    ref = {"gt": f["gt"][i].astype(np.float64)} if getattr(fuser, "needs_reference", False) else {}
+                    ref = {"gt": f["gt"][i].astype(np.float64)} if needs_ref else {}
                     t0 = time.perf_counter()
                     fused = np.asarray(fuser.fuse(lms, pan, ms, **ref), dtype=np.float64)
                     latency[res].append((time.perf_counter() - t0) * 1000)
@@ -142,7 +143,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
         vals = table.loc[table.resolution == res, k].tolist()
         metrics[k] = {kk: _json_float(v) for kk, v in _summary(vals).items()}
     metrics["latency_ms"] = {r: float(np.median(v)) if v else None for r, v in latency.items()}
-    metrics["n_tiles"] = {"reduced": n_rr, "full": 0 if getattr(fuser, "needs_reference", False) else n_fr}
+    metrics["n_tiles"] = {"reduced": n_rr, "full": 0 if needs_ref else n_fr}
     metrics["info"] = {
         "dataset": dataset, "method": method, "kind": "network" if network else KIND.get(method, "classical"),
         "sensor": ctx.sensor,

@@ -23,6 +23,14 @@ from torch import Tensor, nn
 from bnnpan.models.layers import conv3x3
 
 
+def check_inputs(lms: Tensor, pan: Tensor, in_channels: int) -> None:
+    """ValueError unless ``lms`` is (B, in_channels, H, W) and ``pan`` (B, 1, H, W)."""
+    if lms.ndim != 4 or pan.ndim != 4 or lms.shape[1] != in_channels or pan.shape[1] != 1 \
+            or lms.shape[0] != pan.shape[0] or lms.shape[-2:] != pan.shape[-2:]:
+        raise ValueError(f"expected lms (B, {in_channels}, H, W) and pan (B, 1, H, W), "
+                         f"got {tuple(lms.shape)} and {tuple(pan.shape)}")
+
+
 class PanBackbone(nn.Module):
     """``forward(lms (B, C, H, W), pan (B, 1, H, W)) -> (B, C, H, W)``; ``block_factory(width)`` builds one block."""
 
@@ -41,10 +49,7 @@ class PanBackbone(nn.Module):
                 nn.init.zeros_(self.tail.bias)
 
     def forward(self, lms: Tensor, pan: Tensor) -> Tensor:
-        if lms.ndim != 4 or pan.ndim != 4 or lms.shape[1] != self.in_channels or pan.shape[1] != 1 \
-                or lms.shape[0] != pan.shape[0] or lms.shape[-2:] != pan.shape[-2:]:
-            raise ValueError(f"expected lms (B, {self.in_channels}, H, W) and pan (B, 1, H, W), "
-                             f"got {tuple(lms.shape)} and {tuple(pan.shape)}")
+        check_inputs(lms, pan, self.in_channels)
         x0 = self.head(torch.cat([lms, pan], dim=1))
         x = self.body(x0) + x0
         return self.tail(x) + lms

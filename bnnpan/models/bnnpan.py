@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnnpan.models.backbone import check_inputs
 from bnnpan.models.layers import conv3x3
 from bnnpan.models.pibf import PIBF
 from bnnpan.models.prior import LatentPrior
@@ -186,10 +187,7 @@ class BNNPanNet(nn.Module):
         return self.prior.sample(lms, pan), None
 
     def forward(self, lms: Tensor, pan: Tensor, gt: Tensor | None = None):
-        if lms.ndim != 4 or pan.ndim != 4 or lms.shape[1] != self.in_channels or pan.shape[1] != 1 \
-                or lms.shape[0] != pan.shape[0] or lms.shape[-2:] != pan.shape[-2:]:
-            raise ValueError(f"expected lms (B, {self.in_channels}, H, W) and pan (B, 1, H, W), "
-                             f"got {tuple(lms.shape)} and {tuple(pan.shape)}")
+        check_inputs(lms, pan, self.in_channels)
         z, aux = self.latent(lms, pan, gt)
         if aux is not None and self.role == "stage2":
             return None, aux

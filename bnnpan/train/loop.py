@@ -174,6 +174,13 @@ def training_loss(out: torch.Tensor, gt: torch.Tensor, cfg: TrainConfig) -> torc
     return loss
 
 
+def call_model(net: nn.Module, wants_gt: bool, lms: torch.Tensor, pan: torch.Tensor,
+               gt: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(out, aux_loss or None)``: ``net(lms, pan, gt)`` when it ``wants_gt``, else ``net(lms, pan)``."""
+    res = net(lms, pan, gt) if wants_gt else net(lms, pan)
+    return res if isinstance(res, tuple) else (res, None)
+
+
 def model_loss(net: nn.Module, wants_gt: bool, lms: torch.Tensor, pan: torch.Tensor, gt: torch.Tensor,
                cfg: TrainConfig) -> torch.Tensor:
     """The loss of one batch. Most networks are ``net(lms, pan) -> out`` and get :func:`training_loss`.
@@ -182,8 +189,7 @@ def model_loss(net: nn.Module, wants_gt: bool, lms: torch.Tensor, pan: torch.Ten
     called as ``net(lms, pan, gt)`` and may return ``(out, aux_loss)``: the auxiliary loss (e.g. the latent
     L1 of the diffusion prior) is added; ``out = None`` means the image loss is not used (prior pretraining).
     """
-    res = net(lms, pan, gt) if wants_gt else net(lms, pan)
-    out, aux = res if isinstance(res, tuple) else (res, None)
+    out, aux = call_model(net, wants_gt, lms, pan, gt)
     if out is None and aux is None:
         raise ValueError("the network returned neither an output nor a loss")
     loss = training_loss(out, gt, cfg) if out is not None else None
@@ -384,7 +390,7 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     try:
         for b in loader:
             lms, pan, gt = (b[k].to(device, non_blocking=True) for k in ("lms", "pan", "gt"))
-            out = (model(lms, pan, gt) if getattr(model, "wants_gt", False) else model(lms, pan)).float()
+            out = call_model(model, bool(getattr(model, "wants_gt", False)), lms, pan, gt)[0].float()
             err = out - gt
             abs_sum += float(err.abs().sum(dtype=torch.float64))
             count += err.numel()
