@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -27,12 +29,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from common import prepared_params
 
     from bnnpan.config import load_params
-    from bnnpan.data.download import FetchContext
     from bnnpan.data.hdf5io import read_attrs
-    from bnnpan.data.prepare import prepare_dataset
-    from bnnpan.data.sources import fetch_scene
     from bnnpan.models.networks import NetConfig, build_network
     from bnnpan.train.loop import TrainConfig, train
 
@@ -40,18 +40,13 @@ def main() -> None:
     p = load_params(args.params)
     dataset = next(iter(p.datasets))
     work = Path(tempfile.mkdtemp(prefix="bnnpan-bench-train-"))
+    p = prepared_params(p, dataset, work)
     prepared = Path(p.paths.prepared) / dataset
-    if not (prepared / "train.h5").is_file():
-        p = p.model_copy(update={"paths": p.paths.model_copy(update={
-            "raw": str(work / "raw"), "prepared": str(work / "prepared"), "downloads": str(work / "dl")})})
-        for s in p.datasets[dataset].scenes:
-            fetch_scene(s, p.scenes[s], FetchContext(downloads=work / "dl", progress=False), work / "raw" / s)
-        prepare_dataset(p, dataset)
-        prepared = work / "prepared" / dataset
     attrs = read_attrs(prepared / "train.h5")
     rows = []
     for method in p.train.methods:
         recipe = {**p.train.resolved(method), "iterations": args.steps, "val_every": 0, "ckpt_every": 0}
+        recipe["warmup"] = min(recipe["warmup"], args.steps - 1)  # a short benchmark still gets a valid schedule
         cfg = TrainConfig(seed=p.seed, **recipe)
         torch.manual_seed(p.seed)
         net = build_network(p.network_of(method), NetConfig(
