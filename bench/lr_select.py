@@ -88,7 +88,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     p = prepared_params(p, dataset, work)
 
-    if any(m in p.prior_methods() for m in methods):
+    with_prior = set(p.prior_methods()) & set(methods)  # the BNNPan family: one shared pretrained prior
+    if with_prior:
         os.environ["BNNPAN_THREADS"] = str(os.cpu_count() or 1)
         pp = p.model_copy(update={"paths": p.paths.model_copy(update={"models": str(work / "prior")})})
         if not prior_file(pp, dataset).is_file():
@@ -97,13 +98,13 @@ def main() -> None:
     runs = []
     for lr in lrs:
         models = work / f"lr_{lr:g}"
-        if any(m in p.prior_methods() for m in methods):
+        if with_prior:
             dst = models / dataset / "prior.pt"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(work / "prior" / dataset / "prior.pt", dst)
         runs += [(m, lr, str(models)) for m in methods]
 
-    runs.sort(key=lambda r: r[0] not in p.prior_methods())  # the slowest (BNNPan family) first
+    runs.sort(key=lambda r: r[0] not in with_prior)  # the slowest (BNNPan family) first
     val: dict[tuple[str, float], float] = {}
     print(f"{len(runs)} runs on {dataset} ({args.jobs} at a time, {threads} threads each) in {work}", flush=True)
     # spawn: autograd's threads do not survive fork (the prior was trained in this process)

