@@ -8,6 +8,7 @@ another scene list without editing the default file. Bad input ends with a one-l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,8 +30,49 @@ app = typer.Typer(
 dag_app = typer.Typer(help="The DAG: one stage list, rendered to dvc.yaml and Snakemake rules.",
                       no_args_is_help=True)
 app.add_typer(dag_app, name="dag")
-console = Console(stderr=True)
+console = Console(stderr=True)  # messages, progress, errors
+stdout = Console()  # data a user pipes on (listings)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+
+class _LevelFormatter(logging.Formatter):
+    """Plain lines for information, ``warning:`` in front of warnings (the package's logger only)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners and Snakemake logs swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    """Show the package's own messages (resuming, discarded checkpoints, download retries) on stderr, once."""
+    logger = logging.getLogger("bnnpan")
+    if not any(getattr(h, "_bnnpan", False) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_LevelFormatter())
+        handler._bnnpan = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # one channel: the root logger (if any) would print it again
+
+
+@app.callback()
+def _main() -> None:
+    """bnnpan: binarized pan-sharpening pipeline (fetch, prepare, ... on real satellite scenes)."""
+    _setup_logging()
+
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (validated; unknown keys are errors)")
 
@@ -206,9 +248,10 @@ def evaluate(
     """Score methods on a dataset's test tiles at reduced and full resolution.
 
     Writes reports/<dataset>/<method>/metrics.json (mean and std of PSNR, SAM, ERGAS, Q2n, SCC,
-    Q, D_lambda, D_s, HQNR, QNR), tiles.csv (per tile) and fused/*.tif (georeferenced).
+    Q, D_lambda, D_s, HQNR, QNR; the cost of networks), tiles.csv (per tile), fused/*.tif
+    (georeferenced) and timing.json (fusion time per tile: untracked, logged to MLflow).
     """
-    from bnnpan.eval.evaluate import METRIC_KEYS, evaluate_method
+    from bnnpan.eval.evaluate import TIMING_FILE, evaluate_method, index_stats
     from bnnpan.models.registry import known_methods
 
     p = load_params(params)
@@ -224,7 +267,8 @@ def evaluate(
     pairs = [(d, m) for d in datasets for m in methods]
     for d, m in pairs:
         metrics = _with_progress("evaluate", f"{d}/{m}", lambda cb, d=d, m=m: evaluate_method(p, d, m, progress=cb))
-        shown = ", ".join(f"{k}={metrics[k]['mean']:.4g}" for k in METRIC_KEYS if metrics[k]["mean"] is not None)
+        stats = index_stats(metrics)
+        shown = ", ".join(f"{k}={v['mean']:.4g}" for k, v in stats.items() if v["mean"] is not None)
         console.print(f"  {d}/{m}: {shown}", highlight=False)
         if not no_track:
             from bnnpan import tracking
@@ -233,10 +277,14 @@ def evaluate(
             with tracking.stage_run(p, f"evaluate_{d}_{m}", {"dataset": d, "method": m}):
                 tracking.log_params({"method": m, "dataset": d, **tracking.flatten(
                     p.evaluate.model_dump(mode="json", exclude={"methods", "datasets"}), "evaluate.")})
-                tracking.log_metrics({f"{k}_{s}": v for k in METRIC_KEYS for s, v in metrics[k].items()
-                                      if isinstance(v, float)})
+                timing = json.loads((out / TIMING_FILE).read_text())
+                tracking.log_metrics({**{f"{k}_{s}": v for k, st in stats.items() for s, v in st.items()
+                                         if isinstance(v, float)},
+                                      **{f"latency_ms_{g}": v for g, v in timing["latency_ms"].items()
+                                         if isinstance(v, float)}})
                 tracking.log_artifact(out / "metrics.json")
                 tracking.log_artifact(out / "tiles.csv")
+                tracking.log_artifact(out / TIMING_FILE)
 
 
 @app.command()
@@ -260,6 +308,34 @@ def report(params: Path = ParamsOpt, no_track: bool = typer.Option(False, "--no-
         with tracking.stage_run(p, "report"):
             for v in paths.values():
                 tracking.log_artifact(v, artifact_path="report")
+
+
+def _check_dag_fresh(p: Any, params: Path) -> list[Any]:
+    """The stage list; for params.yaml (the file DVC and Snakemake read) dvc.yaml must match it."""
+    from bnnpan.pipeline import build_stages, render_dvc_yaml
+
+    stages = build_stages(p)
+    default = params.resolve() == Path("params.yaml").resolve()
+    if default and Path("dvc.yaml").is_file() and Path("dvc.yaml").read_text() != render_dvc_yaml(stages):
+        raise ConfigError("dvc.yaml is stale for params.yaml: run `bnnpan dag write` (and commit it)")
+    return stages
+
+
+@app.command()
+@_errors
+def check(params: Path = ParamsOpt) -> None:
+    """Validate the params file and the DAG built from it (the first stage: nothing runs on bad params).
+
+    Every other stage depends on its stamp, so a params error stops `dvc repro` here, before DVC has
+    removed any output; Snakemake validates the same way when it loads the workflow.
+    """
+    from bnnpan.atomic import write_text
+    from bnnpan.pipeline.stages import PARAMS_STAMP_TEXT, params_stamp
+
+    p = load_params(params)
+    stages = _check_dag_fresh(p, params)
+    write_text(params_stamp(p), PARAMS_STAMP_TEXT)
+    console.print(f"{params}: valid ({len(stages)} stages)")
 
 
 @dag_app.command("write")
@@ -294,9 +370,9 @@ def dag_show(params: Path = ParamsOpt) -> None:
     """Print the stage list (name, command, deps, params, outs)."""
     from bnnpan.pipeline import build_stages
 
-    for s in build_stages(load_params(params)):
-        console.print(f"[bold]{s.name}[/]: {s.shell}\n  deps={list(s.deps)}\n  params={list(s.params)}"
-                      f"\n  outs={list(s.outs)}", highlight=False)
+    for s in build_stages(load_params(params)):  # data: to stdout (pipe it, grep it); messages go to stderr
+        stdout.print(f"[bold]{s.name}[/]: {s.shell}\n  deps={list(s.deps)}\n  params={list(s.params)}"
+                     f"\n  outs={list(s.outs)}", highlight=False, soft_wrap=True)
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -322,12 +398,10 @@ def run(
     """
     from bnnpan import tracking
     from bnnpan.atomic import KEEP_ENV
-    from bnnpan.pipeline import build_stages, render_dvc_yaml
 
     p = load_params(params)
     default = params.resolve() == Path("params.yaml").resolve()
-    if default and Path("dvc.yaml").is_file() and Path("dvc.yaml").read_text() != render_dvc_yaml(build_stages(p)):
-        raise ConfigError("dvc.yaml is stale for params.yaml: run `bnnpan dag write` (and commit it)")
+    stages = _check_dag_fresh(p, params)
     tracking.init(p)  # serially, before any parallel job touches the SQLite store
     parent = tracking.start_pipeline(p)
     env = {**os.environ, tracking.PARENT_ENV: parent}
@@ -341,7 +415,7 @@ def run(
             # Outside Snakemake: an output identical to the existing one is left untouched (bnnpan.atomic),
             # so a profile that shares stages with params.yaml does not make the default DAG look stale.
             direct = {**env, KEEP_ENV: "1"}
-            for s in build_stages(p):
+            for s in stages:
                 _run([*s.cmd, "--params", str(params)], direct)
         ok = True
     finally:

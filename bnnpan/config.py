@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bnnpan.sensors import get_sensor
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# torch device strings bnnpan supports: the CPU, the current CUDA GPU, or CUDA GPU N.
+DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 ALLOWED_SCHEMES = ("http", "https", "file")
 
 
@@ -135,7 +137,10 @@ class LandsatTarScene(SceneBase):
 
 
 class MatScene(SceneBase):
-    """A MATLAB ``.mat`` pair (``I_PAN`` H x W, ``I_MS`` h x w x B) without georeferencing."""
+    """A MATLAB ``.mat`` pair (``I_PAN`` H x W, ``I_MS`` h x w x B) without georeferencing.
+
+    ``sensor`` may be omitted when the file carries a ``sensor`` variable (``WV3``, ``QB``, ``GeoEye1``, ...).
+    """
 
     source: Literal["mat"]
     file: RemoteLocation
@@ -345,7 +350,7 @@ class Params(Strict):
     """The whole ``params.yaml``."""
 
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu | cuda (the current GPU) | cuda:N; checked again at run time")
     paths: Paths = Paths()
     tracking: TrackingConfig = TrackingConfig()
     scenes: dict[str, SceneConfig]
@@ -355,6 +360,13 @@ class Params(Strict):
     prior: PriorConfig = PriorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_RE.match(v):
+            raise ValueError(f"device {v!r} is not supported: use cpu, cuda (the current GPU) or cuda:N")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> Params:
@@ -425,6 +437,17 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def validate_params(raw: Any, path: str | Path = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping (e.g. Snakemake's ``config``); :class:`ConfigError` names the file."""
+    path = Path(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(path, e)) from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; raise :class:`ConfigError` with every problem listed."""
     path = Path(path)
@@ -434,12 +457,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format_error(path, e)) from None
+    return validate_params(raw, path)
 
 
 def section(params: Params, dotted: str) -> Any:

@@ -102,6 +102,27 @@ SENSORS: dict[str, Sensor] = {
     )
 }
 
+# Sensor names as the pan-sharpening toolboxes write them in a .mat's `sensor` variable -> sensor names.
+MAT_SENSORS: dict[str, str] = {
+    "wv2": "worldview2", "worldview2": "worldview2", "worldview-2": "worldview2",
+    "wv3": "worldview3", "worldview3": "worldview3", "worldview-3": "worldview3",
+    "qb": "quickbird", "quickbird": "quickbird",
+    "ikonos": "ikonos", "ik": "ikonos",
+    "geoeye1": "geoeye1", "geoeye-1": "geoeye1", "ge1": "geoeye1", "ge": "geoeye1",
+    "gf2": "gaofen2", "gaofen2": "gaofen2", "gaofen-2": "gaofen2",
+    "landsat8": "landsat8", "l8": "landsat8", "landsat9": "landsat9", "l9": "landsat9",
+}
+
+
+def sensor_from_alias(text: str) -> Sensor:
+    """A toolbox sensor string (``WV3``, ``QB``, ``GeoEye1``, ``GF2``, ...) or a sensor name -> the sensor."""
+    key = text.strip().lower().replace(" ", "").replace("_", "")
+    name = MAT_SENSORS.get(key) or (key if key in SENSORS else None)
+    if name is None:
+        raise ValueError(f"unknown sensor {text!r}; known: {', '.join(sorted(set(MAT_SENSORS) | set(SENSORS)))}")
+    return SENSORS[name]
+
+
 # STAC / Maxar platform codes -> sensor names (read from the item, never from the id).
 PLATFORMS: dict[str, str] = {
     "WV02": "worldview2", "worldview-2": "worldview2",

@@ -7,6 +7,8 @@
 * ``bnnpan run`` initialises the database once, serially, then starts the parent run and
   hands its id to every stage through ``BNNPAN_PARENT_RUN_ID``; a stage run on its own
   (``dvc repro``, ``bnnpan prepare``) logs a top-level run instead.
+* A new SQLite store is created under a file lock (``mlflow.db.lock``): commands started together on a
+  fresh clone would otherwise race in MLflow's schema migrations.
 * SQLite allows one writer at a time: parallel jobs can hit "database is locked", so
   every write goes through :func:`retry` (bounded exponential backoff) and nothing is lost.
 """
@@ -59,8 +61,32 @@ def _mlflow():
     return mlflow
 
 
+def _store_lock() -> contextlib.AbstractContextManager[Any]:
+    """An inter-process lock beside an SQLite store (``mlflow.db.lock``); a no-op for other stores.
+
+    The first process to open a new ``mlflow.db`` creates its tables through alembic migrations; a second
+    process started at the same moment runs the same migrations and fails (``duplicate column``,
+    ``CommandError``), losing its run. Creating the store and the experiment under this lock serialises
+    exactly that part; once created, the store needs no lock (writes go through :func:`retry`).
+    """
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not db.parent.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.lock", timeout=600)
+
+
 def init(params: Params) -> str:
-    """Create the store and the experiment (idempotent); return the experiment id."""
+    """Create the store and the experiment (idempotent, safe across processes); return the experiment id."""
+    with _store_lock():
+        return _init(params)
+
+
+def _init(params: Params) -> str:
     mlflow = _mlflow()
     name = params.tracking.experiment
 

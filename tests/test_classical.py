@@ -371,7 +371,10 @@ def test_wald_protocol_landsat_mtf_pan(landsat: Scene) -> None:
     assert res["mtf_glp"][0] < 0.95 * exp[0]
     for name in ("gsa", "mtf_glp_hpm"):
         assert res[name][2][0] < 0.9 * exp[2][0], (name, res[name][2], exp[2])
-    assert res["mtf_glp_hpm"][1] < exp[1]
+    # Landsat's MS gains are all 0.30, so every band's low-pass PAN is the same and HPM scales each pixel's
+    # spectrum by one positive factor: SAM equals EXP's up to rounding (a strict `<` held or failed by 1e-15
+    # depending on the numpy build). It must not be worse.
+    assert res["mtf_glp_hpm"][1] <= exp[1] + 1e-9
 
 
 def test_wald_protocol_landsat_bicubic_pan_is_misregistered(landsat: Scene) -> None:

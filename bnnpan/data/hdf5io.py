@@ -18,11 +18,19 @@ sample's footprint on its scene's MS grid) and ``geotransform`` (N x 6, GDAL ord
 ``gt``/``lms`` grid for reduced-resolution files and of the PAN grid for full resolution).
 Attributes: sensor, ratio, scale, bands, scenes (JSON), crs (JSON, per scene), split,
 resolution (``reduced``/``full``), code_version, settings (JSON).
+
+Integrity: every non-empty dataset is chunked with HDF5's Fletcher-32 checksum filter, so a damaged
+chunk is a read error rather than silently different values, and ``manifest.json`` records each file's
+sha256, checked (:func:`check_manifest`) before a file is used. Both end in one :class:`HDF5Error` line
+naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +60,13 @@ def write_h5(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict[str, A
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
             for k, a in arrays.items():
-                chunks = (1, *a.shape[1:]) if a.ndim >= 3 and len(a) > 0 else None
-                f.create_dataset(k, data=a, chunks=chunks)
+                if a.size == 0:  # HDF5 cannot chunk (hence checksum) an empty dataset
+                    f.create_dataset(k, data=a)
+                    continue
+                # One sample per chunk, each chunk with a Fletcher-32 checksum: a flipped byte in the data
+                # is an error on read, never a silently different value (PanCollection readers ignore it).
+                chunks = (1, *a.shape[1:]) if a.ndim >= 3 else a.shape
+                f.create_dataset(k, data=a, chunks=chunks, fletcher32=True)
             for k, v in attrs.items():
                 if isinstance(v, (dict, list, tuple)) and not (
                     isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v)
@@ -80,8 +93,28 @@ def _decode(v: Any) -> Any:
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
     """The file's attributes, JSON values decoded."""
-    with open_h5(path) as f:
+    with open_h5(path) as f, h5_errors(path, "read its attributes"):
         return {k: _decode(v) for k, v in f.attrs.items()}
+
+
+@contextlib.contextmanager
+def h5_errors(path: str | Path, what: str) -> Iterator[None]:
+    """Turn HDF5's errors on a damaged file into one :class:`HDF5Error` line naming the file.
+
+    A damaged object header surfaces as ``KeyError`` ("bad object header version number"), a failed
+    Fletcher-32 checksum or a truncated chunk as ``OSError``; some low-level failures as ``RuntimeError``.
+    """
+    try:
+        yield
+    except HDF5Error:
+        raise
+    except (OSError, KeyError, RuntimeError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0].strip("'\"")
+        raise HDF5Error(f"{path}: cannot {what}: the file is corrupt or truncated ({detail}); "
+                        f"{REMEDY}") from None
+
+
+REMEDY = "restore it with `dvc checkout` or recreate it with `bnnpan prepare`"
 
 
 def open_h5(path: str | Path) -> h5py.File:
@@ -89,10 +122,35 @@ def open_h5(path: str | Path) -> h5py.File:
     path = Path(path)
     if not path.is_file():
         raise HDF5Error(f"{path}: dataset file not found (run `bnnpan prepare`)")
-    try:
+    with h5_errors(path, "open it as HDF5"):
         return h5py.File(path, "r")
-    except OSError as e:
-        raise HDF5Error(f"{path}: not a readable HDF5 file (corrupt or truncated?): {e}") from None
+
+
+def check_manifest(path: str | Path) -> None:
+    """Compare ``path``'s sha256 with the one ``manifest.json`` (beside it) recorded when it was prepared.
+
+    Catches any change after ``prepare``: a flipped byte in array data that no HDF5 check sees (files
+    written before the Fletcher-32 checksums, or bytes outside the checksummed chunks). Files without a
+    manifest entry (e.g. PanCollection files used as they are) are not checked here.
+    """
+    path = Path(path)
+    manifest = path.parent / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        entry = json.loads(manifest.read_text())["files"][path.name]
+        want = entry["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return
+    if not path.is_file():
+        raise HDF5Error(f"{path}: dataset file not found (listed in {manifest}); {REMEDY}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    if h.hexdigest() != want:
+        raise HDF5Error(f"{path}: contents differ from the sha256 in {manifest.name} (changed or corrupted "
+                        f"after prepare); {REMEDY}")
 
 
 def validate_h5(path: str | Path) -> dict[str, Any]:
@@ -101,7 +159,8 @@ def validate_h5(path: str | Path) -> dict[str, Any]:
     Reads every array once, so a truncated file is caught here rather than mid-training.
     """
     path = Path(path)
-    with open_h5(path) as f:
+    check_manifest(path)
+    with open_h5(path) as f, h5_errors(path, "read it"):
         missing = [k for k in REQUIRED_ATTRS if k not in f.attrs]
         if missing:
             raise HDF5Error(f"{path}: missing attribute(s) {missing}")
@@ -120,13 +179,11 @@ def validate_h5(path: str | Path) -> dict[str, Any]:
             raise HDF5Error(f"{path}: inconsistent shapes {shapes} for ratio {ratio}")
         if "gt" in shapes and shapes["gt"] != shapes["lms"]:
             raise HDF5Error(f"{path}: gt {shapes['gt']} != lms {shapes['lms']}")
-        try:
-            for k in keys:
+        for k in keys:
+            with h5_errors(path, f"read {k!r}"):
                 for i in range(0, n, 256):
                     block = f[k][i : i + 256]
                     if not np.isfinite(block).all():
                         raise HDF5Error(f"{path}: {k} contains NaN or inf")
-        except OSError as e:
-            raise HDF5Error(f"{path}: cannot read {k} (corrupt or truncated?): {e}") from None
         attrs = {k: _decode(v) for k, v in f.attrs.items()}
     return {"n": int(n), "shapes": {k: list(v) for k, v in shapes.items()}, "attrs": attrs}

@@ -67,21 +67,25 @@ def _floor(x: int, m: int) -> int:
     return (x // m) * m
 
 
-def plan_regions(h: int, w: int, role: str, cfg: DatasetConfig, ratio: int, what: str
+def plan_regions(h: int, w: int, role: str, cfg: DatasetConfig, ratio: int, what: str, key: str = "datasets.<name>"
                  ) -> tuple[list[Region], int, int]:
     """Cut an h x w MS grid into regions; return (regions, test tile side, FR tile side).
 
     The grid is first cropped to multiples of the ratio. Raises :class:`SceneError` when
-    the scene cannot hold what its role needs.
+    the scene cannot hold what its role needs. ``what`` names the scene, ``key`` the params
+    section (``datasets.<name>``) whose values the user would change.
     """
     for k in ("patch", "stride", "valid_size"):
         if getattr(cfg, k) % ratio:
-            raise SceneError(f"{what}: {k}={getattr(cfg, k)} must be a multiple of the ratio {ratio}")
+            v = getattr(cfg, k)
+            raise SceneError(f"params {key}.{k}={v} must be a multiple of the sensor's ratio {ratio} "
+                             f"(scene {what}); e.g. {k}={max(ratio, v // ratio * ratio)}")
     h, w = _floor(h, ratio), _floor(w, ratio)
     P, V = cfg.patch, cfg.valid_size
     if role in ("train", "valid"):
         if min(h, w) < P:
-            raise SceneError(f"{what}: scene ({h} x {w} MS pixels) is smaller than one {P}-pixel patch")
+            raise SceneError(f"{what}: scene ({h} x {w} MS pixels) is smaller than one {P}-pixel patch "
+                             f"(params {key}.patch)")
         return [Region(role, 0, h, 0, w)], 0, 0
     avail_h = h if role == "test" else h - V - P
     T = min(cfg.test_tile, _floor(w, 32), _floor(max(avail_h, 0), 32))
@@ -89,7 +93,7 @@ def plan_regions(h: int, w: int, role: str, cfg: DatasetConfig, ratio: int, what
         need = "" if role == "test" else f" plus a {V}-row validation strip and one {P}-row training patch"
         raise SceneError(
             f"{what}: scene ({h} x {w} MS pixels) is smaller than one test tile "
-            f"(min_test_tile={cfg.min_test_tile}){need}"
+            f"(params {key}.min_test_tile={cfg.min_test_tile}){need}"
         )
     if role == "test":
         regions = [Region("test", 0, _floor(h, T), 0, _floor(w, T))]
@@ -103,7 +107,8 @@ def plan_regions(h: int, w: int, role: str, cfg: DatasetConfig, ratio: int, what
         ]
         F = min(cfg.fr_tile, _floor(ratio * T, 32))
     if F < cfg.min_test_tile or F % ratio:
-        raise SceneError(f"{what}: full-resolution tile {F} too small (min_test_tile={cfg.min_test_tile})")
+        raise SceneError(f"{what}: full-resolution tile {F} too small (params {key}.min_test_tile="
+                         f"{cfg.min_test_tile})")
     return regions, T, F
 
 
@@ -216,7 +221,8 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
             raise SceneError(f"{scene_dir}: no scene.json (run `bnnpan fetch` first)")
         m = json.loads((scene_dir / "scene.json").read_text())
         ratio = get_sensor(m["sensor"]).ratio
-        plans.append(plan_regions(m["ms_shape"][1], m["ms_shape"][2], cfg.role(name), cfg, ratio, str(scene_dir)))
+        plans.append(plan_regions(m["ms_shape"][1], m["ms_shape"][2], cfg.role(name), cfg, ratio,
+                                  f"{name} ({scene_dir})", key=f"datasets.{dataset}"))
     total = sum(len(r) + sum(x.split == "test" for x in r) for r, _, _ in plans)
     done = 0
 

@@ -127,9 +127,14 @@ def coregister(scene: RawScene, what: str = "scene") -> RawScene:
         raise SceneError(f"{what}: expected north-up geotransforms (positive x, negative y pixel size)")
     for got, axis in ((ma / pa, "x"), (me / pe, "y")):
         if abs(got / r - 1) > 0.01:
+            k = r / got
+            hint = ""
+            if round(k) >= 2 and abs(k / round(k) - 1) < 0.01:  # MS pixels exactly k x too small
+                hint = (f"; the MS pixels are exactly {round(k)}x smaller than the sensor's: if the MS product is "
+                        f"stored nearest-upsampled, set `ms_upsampled: auto` (or {round(k)}) on the scene")
             raise SceneError(
                 f"{what}: MS/PAN pixel-size ratio along {axis} is {got:.4f}, sensor "
-                f"{scene.sensor.name} needs {r}"
+                f"{scene.sensor.name} needs {r}{hint}"
             )
     # PAN-pixel offset of the MS grid origin relative to the PAN grid origin.
     off_c = (scene.ms_transform.c - scene.pan_transform.c) / pa

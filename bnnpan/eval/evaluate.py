@@ -6,10 +6,24 @@ first, ``border_cut`` pixels cut, PSNR peak = the sensor scale). Full resolution
 (``test_fr.h5``): the method fuses the original pair and is scored without reference with
 :func:`bnnpan.eval.metrics_fr.full_resolution` (``lms`` is the expanded MS).
 
-Writes into ``reports/<dataset>/<method>/``: ``metrics.json`` (mean and std over tiles of
-``psnr sam ergas q2n scc q`` and ``d_lambda d_s hqnr qnr``, latency per tile, and the
-conventions under ``info``), ``tiles.csv`` (one row per tile), and ``fused/`` with every
-fused tile as a float32 GeoTIFF carrying the geotransform and CRS of its source tile.
+Writes into ``reports/<dataset>/<method>/``:
+
+* ``metrics.json`` (a DVC metrics file, kept in git): only figures that are the same on every
+  re-run of the same inputs, nested so that the quality indices come first and the cost second
+  (``dvc metrics show`` sorts the flattened keys alphabetically, ``dvc exp show`` keeps the file's
+  order, and both agree on this one)::
+
+      {"indices": {"rr": {"psnr": {"mean", "std"}, "sam", "ergas", "q2n", "scc", "q"},
+                   "fr": {"d_lambda": {"mean", "std"}, "d_s", "hqnr", "qnr"}},
+       "network_cost": {"64": {...}, "256": {...}, "file": {...}},      # networks only
+       "setup": {"n_tiles": {"rr", "fr"}, "dataset", "method", "kind", "sensor", ...}}
+
+* ``timing.json`` (not tracked by git or DVC): the wall-clock fusion time of every tile and their
+  median per resolution. It depends on the machine and its load, so it changes on every run; it
+  goes to MLflow (``bnnpan evaluate`` logs it) instead of into the tracked metrics.
+* ``tiles.csv`` (one row per tile: its indices, no timing), and ``fused/`` with every fused tile as
+  a float32 GeoTIFF carrying the geotransform and CRS of its source tile.
+
 Each file is written to a temporary path and renamed.
 """
 
@@ -40,6 +54,11 @@ from bnnpan.sensors import get_sensor
 RR_KEYS = ("psnr", "sam", "ergas", "q2n", "scc", "q")
 FR_KEYS = ("d_lambda", "d_s", "hqnr", "qnr")
 METRIC_KEYS = RR_KEYS + FR_KEYS
+# metrics.json groups, in file order; also the alphabetical order `dvc metrics show` sorts them into.
+INDICES, COST, SETUP = "indices", "network_cost", "setup"
+GROUP_KEYS = {"rr": RR_KEYS, "fr": FR_KEYS}
+RESOLUTION_GROUP = {"reduced": "rr", "full": "fr"}  # tiles.csv's `resolution` -> indices group
+TIMING_FILE = "timing.json"  # volatile: gitignored, not a DVC output
 
 
 def method_context(attrs: dict[str, Any]) -> MethodContext:
@@ -98,7 +117,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     crs_by_scene = attrs.get("crs") or {}
     out_dir = Path(out_dir or Path(params.paths.reports) / dataset / method)
     rows: list[dict[str, Any]] = []
-    latency: dict[str, list[float]] = {"reduced": [], "full": []}
+    latency: dict[str, list[float]] = {"rr": [], "fr": []}
 
     with h5py.File(rr_path, "r") as frr, h5py.File(fr_path, "r") as ffr:
         n_rr, n_fr = len(frr["pan"]), len(ffr["pan"])
@@ -116,7 +135,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
                     ref = {"gt": f["gt"][i].astype(np.float64)} if needs_ref else {}
                     t0 = time.perf_counter()
                     fused = np.asarray(fuser.fuse(lms, pan, ms, **ref), dtype=np.float64)
-                    latency[res].append((time.perf_counter() - t0) * 1000)
+                    latency[RESOLUTION_GROUP[res]].append((time.perf_counter() - t0) * 1000)
                     if fused.shape != lms.shape:
                         raise ValueError(f"method {method} returned {fused.shape}, expected {lms.shape}")
                     if res == "reduced":
@@ -137,14 +156,16 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
                         progress(f"{dataset}/{method} {res} tile {i}", done, total)
 
     table = pd.DataFrame(rows)
-    metrics: dict[str, Any] = {}
-    for k in METRIC_KEYS:
-        res = "reduced" if k in RR_KEYS else "full"
-        vals = table.loc[table.resolution == res, k].tolist()
-        metrics[k] = {kk: _json_float(v) for kk, v in _summary(vals).items()}
-    metrics["latency_ms"] = {r: float(np.median(v)) if v else None for r, v in latency.items()}
-    metrics["n_tiles"] = {"reduced": n_rr, "full": 0 if needs_ref else n_fr}
-    metrics["info"] = {
+    indices: dict[str, dict[str, Any]] = {}
+    for res, group in RESOLUTION_GROUP.items():
+        sel = table.loc[table.resolution == res]
+        indices[group] = {k: {kk: _json_float(v) for kk, v in _summary(sel[k].tolist()).items()}
+                          for k in GROUP_KEYS[group]}
+    metrics: dict[str, Any] = {INDICES: indices}
+    if network:
+        metrics[COST] = network_cost(fuser.model, len(ctx.bands))
+    metrics[SETUP] = {
+        "n_tiles": {"rr": n_rr, "fr": 0 if needs_ref else n_fr},
         "dataset": dataset, "method": method, "kind": "network" if network else KIND.get(method, "classical"),
         "sensor": ctx.sensor,
         "ratio": ctx.ratio, "scale": ctx.scale, "bands": list(ctx.bands),
@@ -153,23 +174,40 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
         "d_s_pan_degradation": pan_degradation,
         "std": "population std over test tiles",
     }
-    if network:
-        metrics["cost"] = network_cost(fuser.model, len(ctx.bands))
+    timing = {
+        "note": "wall-clock fusion time per tile on this machine (volatile: not in git or DVC; logged to MLflow)",
+        "device": params.device,
+        "latency_ms": {g: float(np.median(v)) if v else None for g, v in latency.items()},
+        "tiles_ms": latency,
+    }
     _atomic_write(out_dir / "tiles.csv", table.to_csv(index=False, float_format="%.10g"))
+    _atomic_write(out_dir / TIMING_FILE, json.dumps(timing, indent=2) + "\n")
     _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
+def index_stats(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{index: {"mean", "std"}}`` for every index of a metrics.json dictionary, RR then FR (flat view)."""
+    groups = metrics.get(INDICES) or {}
+    return {k: dict((groups.get(g) or {}).get(k) or {"mean": None, "std": None})
+            for g, keys in GROUP_KEYS.items() for k in keys}
+
+
 def network_cost(model: Any, in_channels: int, sizes: tuple[int, ...] = (64, 256)) -> dict[str, Any]:
-    """Params / OPs of a network (bnnpan.eval.cost, per-layer hooks) at square input sizes."""
+    """Params / OPs of a network (bnnpan.eval.cost, per-layer hooks) at square input sizes.
+
+    Numbers only: the size label (the key says it) and the temporary paths of the packed-size
+    export (a new directory each run) are left out, so the result is the same on every run.
+    """
     from bnnpan.eval.cost import count_cost
     from bnnpan.models.packing import packed_size_report
 
     out: dict[str, Any] = {}
     for n in sizes:
-        out[str(n)] = count_cost(model, in_channels, n, n).totals()
+        out[str(n)] = {k: v for k, v in count_cost(model, in_channels, n, n).totals().items() if k != "size"}
     with tempfile.TemporaryDirectory() as tmp:
-        out["file"] = packed_size_report(model, Path(tmp))  # sign bits 8 per byte vs FP32 state_dict
+        report = packed_size_report(model, Path(tmp))  # sign bits 8 per byte vs FP32 state_dict
+    out["file"] = {k: v for k, v in report.items() if not k.endswith("_path")}
     return out
 
 

@@ -16,20 +16,23 @@ import torch
 from torch import nn
 
 from bnnpan.models.networks import NetConfig, build_network
-from bnnpan.train.loop import CheckpointError, load_checkpoint
+from bnnpan.train.loop import CheckpointError, load_checkpoint, recreate_hint
 
 __all__ = ["CheckpointError", "NetworkFuser", "load_network"]
 
 
-def _load(path: Path, device: str) -> dict[str, Any]:
+def _load(path: Path, device: str | torch.device) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found (run `bnnpan train`)")
+        raise CheckpointError(f"{path}: checkpoint not found; {recreate_hint(path).replace('recreate', 'create')}")
     return load_checkpoint(path, map_location=device)  # weights_only=True inside
 
 
-def load_network(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network of a checkpoint and load its weights; returns (model in eval mode, ckpt)."""
+    from bnnpan.devices import resolve_device
+
     path = Path(path)
+    device = resolve_device(device)
     ckpt = _load(path, device)
     try:
         net = dict(ckpt["net"])
@@ -45,8 +48,9 @@ def load_network(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict
 class NetworkFuser:
     """``fuse(lms, pan, ms)`` in DN with a trained network (inputs divided by the scale)."""
 
-    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         self.model, ckpt = load_network(path, device)
+        device = next(self.model.parameters()).device
         self.name = str(ckpt["net"].get("method", ckpt["net"]["name"]))
         self.scale = float(ckpt["scale"])
         self.device = device

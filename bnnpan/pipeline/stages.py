@@ -14,6 +14,7 @@ import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -34,6 +35,7 @@ TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datase
 BNNPAN_CODE = ["bnnpan/models/bnnpan.py", "bnnpan/models/pibf.py", "bnnpan/models/prior.py",
                "bnnpan/models/wavelet.py"]
 PRIOR_CODE = TRAIN_CODE + BNNPAN_CODE + ["bnnpan/train/prior.py"]
+CHECK_CODE = ["bnnpan/config.py", "bnnpan/sensors.py", "bnnpan/pipeline/stages.py"]
 NETWORK_EVAL_CODE = ["bnnpan/models/checkpoint.py", "bnnpan/eval/cost.py"]
 
 
@@ -50,6 +52,8 @@ class Stage:
     plots: tuple[str, ...] = ()
     dirs: tuple[str, ...] = ()  # which outs/plots are directories (Snakemake's directory())
     uncached: tuple[str, ...] = ()  # small outs kept in git, not the DVC cache (reports)
+    persist: tuple[str, ...] = ()  # outs DVC must not delete before running the stage
+    order_only: tuple[str, ...] = ()  # deps that only order the stage (Snakemake: ancient(), mtime ignored)
     param_digest: str = ""  # sha256 of the values of `params` (Snakemake's params rerun trigger)
     resources: dict[str, Any] = field(default_factory=dict)
     desc: str = ""
@@ -77,9 +81,30 @@ def _digest(params: Params, keys: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def params_stamp(params: Params) -> str:
+    """The output of the ``check_params`` stage, which every other stage depends on."""
+    parent = Path(params.paths.prepared).parent
+    return str(parent / PARAMS_STAMP) if str(parent) != "." else PARAMS_STAMP
+
+
+PARAMS_STAMP = "params.checked"
+# The stamp's content never changes: the stage gates the DAG (a failed check stops `dvc repro` before any
+# other stage's outputs are removed) without making every stage look changed after a valid params edit.
+PARAMS_STAMP_TEXT = "params.yaml validated by `bnnpan check` (the first stage of the DAG)\n"
+
+
 def _build(params: Params) -> list[Stage]:
     p = params.paths
-    stages: list[Stage] = []
+    stamp = params_stamp(params)
+    stages: list[Stage] = [Stage(
+        name="check_params",
+        cmd=("bnnpan", "check"),
+        deps=("params.yaml", *CHECK_CODE),
+        params=(),
+        outs=(stamp,),
+        persist=(stamp,),
+        desc="validate params.yaml (and that dvc.yaml matches it) before any stage removes its outputs",
+    )]
     for name, scene in params.scenes.items():
         local = []
         for attr in ("pan", "ms", "archive", "file", "item"):
@@ -171,7 +196,7 @@ def _build(params: Params) -> list[Stage]:
             uncached=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
             desc="summary.md, metrics.csv and figures for every evaluated method",
         ))
-    return stages
+    return [stages[0], *(replace(s, deps=(*s.deps, stamp), order_only=(stamp,)) for s in stages[1:])]
 
 
 def _check_networks(methods: list[str]) -> None:
@@ -199,14 +224,68 @@ def dvc_yaml(stages: list[Stage]) -> dict[str, Any]:
         st: dict[str, Any] = {"desc": s.desc, "cmd": s.shell, "deps": list(s.deps)}
         if s.params:
             st["params"] = list(s.params)
-        st["outs"] = [{o: {"cache": False}} if o in s.uncached else o for o in s.outs]
+        st["outs"] = [{o: {**({"cache": False} if o in s.uncached else {}), **({"persist": True} if o in s.persist
+                                                                                 else {})}}
+                      if o in s.uncached or o in s.persist else o for o in s.outs]
         if s.metrics:
             st["metrics"] = [{m: {"cache": False}} for m in s.metrics]
-        if s.plots:
-            st["plots"] = [{pl: {"cache": False, **({"x": "step", "y": "val_psnr"} if pl.endswith("_curve.csv")
-                                                    else {})}} for pl in s.plots]
+        curves = [pl for pl in s.plots if pl.endswith(CURVE_SUFFIX)]
+        if curves:  # DVC-cached outs (`dvc checkout` restores them), drawn by the top-level plots below
+            st["outs"] = [*st["outs"], *({c: {"persist": True}} if c in s.persist else c for c in curves)]
+        images = [pl for pl in s.plots if pl not in curves]
+        if images:  # the report's figures: small, kept in git
+            st["plots"] = [{pl: {"cache": False}} for pl in images]
         out[s.name] = st
-    return {"stages": out}
+    plots = top_level_plots(stages)
+    return {"stages": out, **({"plots": plots} if plots else {})}
+
+
+# ----------------------------------------------------------------------------- dvc plots show
+# Cross-method views (dvc.yaml's top-level `plots`), drawn with the Vega-Lite templates in
+# .dvc/plots/ (bnnpan_*.json); `.dvc/config` points `dvc plots show` at .dvc/plots/offline.html,
+# a page with the Vega libraries inlined, so the HTML needs no network.
+CURVE_SUFFIX = "_curve.csv"  # step,loss,lr,val_l1,val_psnr (bnnpan.train.loop.CURVE_COLUMNS)
+INDEX_FIELDS = tuple(f"{k}_mean" for k in ("psnr", "sam", "ergas", "q2n", "scc", "q", "d_lambda", "d_s", "hqnr",
+                                           "qnr"))  # reports/metrics.csv columns, in the report's order
+
+
+def _dataset_of(s: Stage) -> str | None:
+    cmd = list(s.cmd)
+    return cmd[cmd.index("--dataset") + 1] if "--dataset" in cmd[:-1] else None
+
+
+def top_level_plots(stages: list[Stage]) -> list[dict[str, Any]]:
+    """Per dataset: validation PSNR and training loss of every trained method on one plot each, the
+    latent prior's two pretraining stages on a third; then the indices per method (reports/metrics.csv)."""
+    curves: dict[str, dict[str, list[str]]] = {}  # dataset -> "train" | "pretrain-prior" -> curve files
+    for s in stages:
+        ds = _dataset_of(s)
+        if ds is not None and len(s.cmd) > 1 and s.cmd[1] in ("train", "pretrain-prior"):
+            curves.setdefault(ds, {}).setdefault(s.cmd[1], []).extend(
+                pl for pl in s.plots if pl.endswith(CURVE_SUFFIX))
+    plots: list[dict[str, Any]] = []
+
+    def curve_plot(pid: str, files: list[str], y: str, template: str, title: str, y_label: str) -> None:
+        if files:
+            plots.append({pid: {"template": template, "x": "step", "y": {f: y for f in files}, "title": title,
+                                "x_label": "training step", "y_label": y_label}})
+
+    for ds, by_kind in curves.items():
+        trained = by_kind.get("train", [])
+        curve_plot(f"{ds}_val_psnr", trained, "val_psnr", "bnnpan_curves",
+                   f"{ds}: validation PSNR of every trained method", "validation PSNR (dB)")
+        curve_plot(f"{ds}_train_loss", trained, "loss", "bnnpan_loss",
+                   f"{ds}: training loss of every trained method (mean over 25 steps)", "training loss")
+        curve_plot(f"{ds}_prior_val_psnr", by_kind.get("pretrain-prior", []), "val_psnr", "bnnpan_curves",
+                   f"{ds}: latent prior pretraining, validation PSNR (stage 1: E1's oracle z; stage 2: sampled z)",
+                   "validation PSNR (dB)")
+    table = next((o for s in stages if s.cmd[:2] == ("bnnpan", "report") for o in s.outs
+                  if Path(o).name == "metrics.csv"), None)
+    if table is not None:
+        plots.append({"indices_per_method": {
+            "template": "bnnpan_indices", "x": "method", "y": {table: list(INDEX_FIELDS)},
+            "title": "mean quality index per method over the test tiles (RR = reduced, FR = full resolution)"}})
+    return plots
 
 
 HEADER = (

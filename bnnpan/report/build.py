@@ -32,6 +32,10 @@ Inputs are what ``bnnpan evaluate`` writes (``reports/<D>/<M>/{metrics.json, til
 fused/rr_NNN.tif}``) and what ``bnnpan prepare`` wrote (``data/prepared/<D>/{test_rr.h5,
 manifest.json}``). Only the (dataset, method) pairs passed in appear: a stale method folder
 left by an earlier configuration is ignored. Every file is written atomically.
+
+The outputs are kept in git, so they hold nothing that changes from run to run on the same
+inputs: no fusion times (``timing.json`` and MLflow have them), no dates, and PNGs saved without
+the matplotlib version in their metadata. The same inputs give byte-identical files.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import matplotlib
 
 matplotlib.use("Agg")
@@ -56,6 +59,7 @@ import rasterio  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from bnnpan.atomic import atomic_path  # noqa: E402
+from bnnpan.data.hdf5io import h5_errors, open_h5  # noqa: E402
 from bnnpan.report import SUBBAND_METHODS
 
 # (key, label, higher_is_better), in table order.
@@ -73,6 +77,10 @@ METRICS: list[tuple[str, str, bool]] = [
 ]
 REDUCED_METRICS = ("psnr", "sam", "ergas", "q2n", "scc", "q")
 FULL_METRICS = ("d_lambda", "d_s", "hqnr", "qnr")
+# The groups of metrics.json (bnnpan.eval.evaluate writes them; not imported, so that this stage
+# depends on this file alone): indices.rr / indices.fr, network_cost (networks only), setup.
+INDICES, COST, SETUP = "indices", "network_cost", "setup"
+PNG_METADATA = {"Software": None}  # no matplotlib version in the PNGs: same inputs, same bytes
 DECIMALS = {"psnr": 2, "sam": 3, "ergas": 3}  # the Q-type indices (in [0, 1]): 4
 DPI = 110
 VISUAL_COLUMNS = 6  # panels per row of the visual comparison (GT + 5 methods)
@@ -127,14 +135,23 @@ def _load_metrics(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e}); re-run `bnnpan evaluate`") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object; re-run `bnnpan evaluate`")
+    if not isinstance(data.get(INDICES), dict):
+        raise ValueError(f"{path}: no `{INDICES}` group (a metrics file of an older layout); re-run `bnnpan evaluate`")
     return data
 
 
 def _stat(m: dict[str, Any], key: str) -> tuple[float | None, float | None]:
-    v = m.get(key)
+    group = (m.get(INDICES) or {}).get("rr" if key in REDUCED_METRICS else "fr") or {}
+    v = group.get(key)
     if not isinstance(v, dict):
         return None, None
     return _num(v.get("mean")), _num(v.get("std"))
+
+
+def _setup(m: dict[str, Any]) -> dict[str, Any]:
+    """The ``setup`` group of a metrics dictionary (conventions, kind, tile counts); {} when absent."""
+    v = m.get(SETUP)
+    return v if isinstance(v, dict) else {}
 
 
 def _load_tiles(path: Path) -> pd.DataFrame | None:
@@ -168,7 +185,7 @@ def _read_tile(h5_path: Path, tile: int) -> tuple[np.ndarray, np.ndarray, dict[s
     """Ground truth (C x H x W), PAN (H x W) and attributes of reduced-resolution test tile ``tile``."""
     if not h5_path.is_file():
         raise ValueError(f"{h5_path}: test file not found (run `bnnpan prepare`)")
-    with h5py.File(h5_path, "r") as f:
+    with open_h5(h5_path) as f, h5_errors(h5_path, f"read test tile {tile}"):
         if "gt" not in f or "pan" not in f:
             raise ValueError(f"{h5_path}: needs datasets `gt` and `pan`, has {list(f)}")
         n = f["gt"].shape[0]
@@ -248,7 +265,7 @@ class _Subbands:
 def _n_test_tiles(h5_path: Path) -> int:
     if not h5_path.is_file():
         raise ValueError(f"{h5_path}: test file not found (run `bnnpan prepare`)")
-    with h5py.File(h5_path, "r") as f:
+    with open_h5(h5_path) as f, h5_errors(h5_path, "read its tiles"):
         if "gt" not in f:
             raise ValueError(f"{h5_path}: needs dataset `gt`, has {list(f)}")
         return int(f["gt"].shape[0])
@@ -280,7 +297,7 @@ def _load_subbands(
     if not common:
         raise ValueError(f"{dataset}: the methods {used} have no reduced-resolution fused tile in common "
                          f"(re-run `bnnpan evaluate`)")
-    info = results[FP_METHOD if FP_METHOD in used else used[0]].get("info", {})
+    info = _setup(results[FP_METHOD if FP_METHOD in used else used[0]])
     cut = int(info.get("border_cut") or 0)
     total = {m: dict.fromkeys(SUBBANDS, 0.0) for m in used}
     for i in common:
@@ -376,7 +393,7 @@ def _save_fig(fig: plt.Figure, path: Path, max_pixels: float = 1.0e6) -> Path:
     w, h = fig.get_size_inches()
     dpi = min(DPI, (max_pixels / (w * h)) ** 0.5)
     try:
-        return _atomic(path, lambda t: fig.savefig(t, format="png", dpi=dpi))
+        return _atomic(path, lambda t: fig.savefig(t, format="png", dpi=dpi, metadata=PNG_METADATA))
     finally:
         plt.close(fig)
 
@@ -428,28 +445,25 @@ def _cost_cells(cost: dict[str, Any] | None) -> list[str]:
 
 def _table(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
     head = (["Method", "Kind"] + [f"{label} {_arrow(up)}" for _, label, up in METRICS]
-            + ["Params (K eq.)", "OPs (M) 64² / 256²", "packed / FP32 file (kB)", "ms/tile RR / FR"])
+            + ["Params (K eq.)", "OPs (M) 64² / 256²", "packed / FP32 file (kB)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(head) - 2)) + "|"]
     best = {
         key: best_methods({m: _stat(results[m], key)[0] for m in methods}, key, up) for key, _, up in METRICS
     }
     for m in methods:
         r = results[m]
-        cells = [_md(m), _md(r.get("info", {}).get("kind", ""))]
+        cells = [_md(m), _md(_setup(r).get("kind", ""))]
         for key, _, _ in METRICS:
             c = _cell(*_stat(r, key), key)
             cells.append(f"**{c}**" if m in best[key] else c)
-        cells += _cost_cells(r.get("cost"))
-        lat = r.get("latency_ms") or {}
-        lr, lf = _num(lat.get("reduced")), _num(lat.get("full"))
-        cells.append(" / ".join("n/a" if v is None else f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}" for v in (lr, lf)))
+        cells += _cost_cells(r.get(COST))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def binary_methods(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
     """The binary networks, in order: ``info.kind == "network"``, not ``fp`` and not a ``bnnpan_*`` ablation."""
-    return [m for m in methods if (results[m].get("info") or {}).get("kind") == "network"
+    return [m for m in methods if _setup(results[m]).get("kind") == "network"
             and m != FP_METHOD and not m.startswith(ABLATION_PREFIX)]
 
 
@@ -503,8 +517,8 @@ def _ablations(methods: list[str], results: dict[str, dict[str, Any]]) -> list[s
     for m in [PROPOSED, *variants]:
         r = results[m]
         cells = [_md(m)] + [_plain(_stat(r, key)[0], key) for key, _, _ in cols]
-        ops = _num(((r.get("cost") or {}).get("256") or {}).get("ops"))
-        cells.append("—" if not r.get("cost") else "n/a" if ops is None else f"{ops / 1e6:.1f}")
+        ops = _num(((r.get(COST) or {}).get("256") or {}).get("ops"))
+        cells.append("—" if not r.get(COST) else "n/a" if ops is None else f"{ops / 1e6:.1f}")
         if m == PROPOSED:
             cells += ["(ref.)", "(ref.)"]
         else:
@@ -532,11 +546,12 @@ computed, and Q, Q2n, D_λ and D_s are averaged over **32 x 32 blocks**. For net
 columns count per layer (forward hooks) as BNN papers do: Params = binary params / 32 + FP
 params (thousands of FP32-equivalent parameters), OPs = BOPs / 64 + FLOPs (millions) for a
 64 x 64 and a 256 x 256 input, and the real size of the network file with its binary weights
-packed 8 per byte against the FP32 state_dict; classical methods show —. The last column is the
-mean fusion time per tile at reduced / full resolution (including the hardware, so compare it
-within a run only). Under each table, "Best binary method" names the binary network that ranks
-first on Q2n and on ERGAS (the bold marks are usually won by the full-precision `fp`; the
-`bnnpan_*` ablations are left out of that ranking but stay in the table). Each dataset ends with a
+packed 8 per byte against the FP32 state_dict; classical methods show —. Fusion times depend on
+the machine and change from run to run, so they are not in this report: each method's
+`timing.json` beside its `metrics.json`, and its MLflow run, have them. Under each table, "Best
+binary method" names the binary network that ranks first on Q2n and on ERGAS (the bold marks are
+usually won by the full-precision `fp`; the `bnnpan_*` ablations are left out of that ranking but
+stay in the table). Each dataset ends with a
 bar chart of the indices (error bars = std) and a visual comparison of one test tile: the RGB
 composites share the ground truth's 2-98 % stretch, and the error maps (|fused - GT| averaged over
 bands, in DN) share one colour scale. Where `fp`, `bnn` or `bnnpan` was evaluated, a sub-band
@@ -551,8 +566,8 @@ indices of `bnnpan_oracle_prior`, whose prior needs the ground truth) reads n/a.
 def _tile_counts(methods: list[str], results: dict[str, dict[str, Any]]) -> str:
     counts = {}
     for m in methods:
-        n = results[m].get("n_tiles") or {}
-        counts[m] = (n.get("reduced"), n.get("full"))
+        n = _setup(results[m]).get("n_tiles") or {}
+        counts[m] = (n.get("rr"), n.get("fr"))
     distinct = set(counts.values())
     if len(distinct) == 1:
         rr, fr = distinct.pop()
@@ -562,7 +577,7 @@ def _tile_counts(methods: list[str], results: dict[str, dict[str, Any]]) -> str:
 
 
 def _conventions(results: dict[str, dict[str, Any]], methods: list[str]) -> str:
-    info = results[methods[0]].get("info", {})
+    info = _setup(results[methods[0]])
     bits = []
     if info.get("sensor"):
         bits.append(f"sensor {info['sensor']}")
@@ -578,7 +593,7 @@ def _conventions(results: dict[str, dict[str, Any]], methods: list[str]) -> str:
         bits.append(f"border cut {info['border_cut']} px")
     if info.get("block") is not None:
         bits.append(f"{info['block']} x {info['block']} blocks")
-    peaks = {_g(results[m].get("info", {}).get("psnr_peak")) for m in methods}
+    peaks = {_g(_setup(results[m]).get("psnr_peak")) for m in methods}
     note = "" if len(peaks) <= 1 else f" (warning: the methods used different PSNR peaks: {sorted(peaks)})"
     return "Conventions: " + "; ".join(bits) + "." + note
 
@@ -781,7 +796,7 @@ def _visual_figure(
     path: Path,
 ) -> Path:
     gt, pan, attrs, fused, tile = visual.gt, visual.pan, visual.attrs, visual.fused, visual.tile
-    info = results[methods[0]].get("info", {})
+    info = _setup(results[methods[0]])
     rgb = _rgb_indices(attrs, info, gt.shape[0])
 
     lo = np.percentile(gt[rgb], 2, axis=(1, 2))
@@ -906,20 +921,17 @@ def build_report(
     for d, methods in order.items():
         for m in methods:
             r = results[d][m]
-            row: dict[str, Any] = {"dataset": d, "method": m, "kind": r.get("info", {}).get("kind")}
+            row: dict[str, Any] = {"dataset": d, "method": m, "kind": _setup(r).get("kind")}
             for key, _, _ in METRICS:
                 row[f"{key}_mean"], row[f"{key}_std"] = _stat(r, key)
-            lat = r.get("latency_ms") or {}
-            row["latency_ms_reduced"] = _num(lat.get("reduced"))
-            row["latency_ms_full"] = _num(lat.get("full"))
-            for size, c in (r.get("cost") or {}).items():
+            for size, c in (r.get(COST) or {}).items():
                 keys = ("packed_bytes", "fp32_bytes") if size == "file" else (
                     "params_equiv", "binary_params", "fp_params", "bytes", "bops", "flops", "ops")
                 for k in keys:
                     row[f"{k}_{size}"] = _num((c or {}).get(k))
-            n = r.get("n_tiles") or {}
-            row["n_tiles_reduced"] = n.get("reduced")
-            row["n_tiles_full"] = n.get("full")
+            n = _setup(r).get("n_tiles") or {}
+            row["n_tiles_reduced"] = n.get("rr")
+            row["n_tiles_full"] = n.get("fr")
             rows.append(row)
     df = pd.DataFrame(rows)
     written["metrics_csv"] = _atomic(reports_dir / "metrics.csv", lambda t: df.to_csv(t, index=False))

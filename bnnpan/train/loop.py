@@ -44,7 +44,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -316,18 +315,34 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def recreate_hint(path: str | Path) -> str:
+    """How to get a good copy of a bnnpan file back, from its conventional name ``models/<dataset>/<x>``."""
+    path = Path(path)
+    dataset = path.parent.name or "<dataset>"
+    if path.suffix == ".ckpt":
+        return "delete it and re-run: training then starts over from step 0"
+    if path.stem in ("prior", "prior_stage1"):
+        return f"recreate it with `bnnpan pretrain-prior --dataset {dataset}` (or `dvc checkout`/`dvc repro`)"
+    return f"recreate it with `bnnpan train --dataset {dataset} --method {path.stem}` (or `dvc checkout`/`dvc repro`)"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; a missing/corrupt file is a :class:`CheckpointError`."""
+    """Read a checkpoint with ``weights_only=True``; a missing/corrupt file is a :class:`CheckpointError`.
+
+    The error is one line that names the file and how to recreate it. torch's own text is left out on
+    purpose: for a file it cannot read it suggests ``weights_only=False``, which would run code from a file
+    the user may not trust.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {e}. "
-                              "Delete it to start the run over.") from None
+        raise CheckpointError(f"{path}: not a valid bnnpan checkpoint (corrupt, truncated or not written by "
+                              f"bnnpan; {type(e).__name__}); {recreate_hint(path)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path}: not a bnnpan checkpoint (no 'model' state_dict). Delete it to start over.")
+        raise CheckpointError(f"{path}: not a bnnpan checkpoint (no 'model' state_dict); {recreate_hint(path)}")
     return ckpt
 
 
@@ -446,9 +461,10 @@ def train(model: nn.Module, train_path: str | Path, valid_path: str | Path | Non
 
     world, rank, local_rank = _dist_env()
     distributed = world > 1
-    dev = torch.device(device)
-    if distributed and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
+    from bnnpan.devices import resolve_device
+
+    # `cuda` -> the current GPU (the rank's own under torchrun): set_device and DDP need an index.
+    dev = resolve_device(device, local_rank if distributed else None)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     own_pg = False
@@ -513,10 +529,9 @@ def _train(model: nn.Module, train_path: Path, valid_path: Path | None, cfg: Tra
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=dev)
         if ckpt.get("params_digest", None) != params_digest:
-            msg = (f"{ckpt_path}: checkpoint of other parameters (digest {ckpt.get('params_digest')!r} != "
-                   f"{params_digest!r}); starting over")
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
+            if main:  # said once (one channel, rank 0): the run starts over, the old checkpoint is replaced
+                log.warning("%s: checkpoint of other parameters (digest %r != %r); discarding it, %s starts over "
+                            "from step 0", ckpt_path, ckpt.get("params_digest"), params_digest, out_path.stem)
         else:
             try:
                 model.load_state_dict(ckpt["model"])
@@ -532,7 +547,8 @@ def _train(model: nn.Module, train_path: Path, valid_path: Path | None, cfg: Tra
             if start > cfg.iterations:
                 raise CheckpointError(f"{ckpt_path}: checkpoint at step {start} > iterations {cfg.iterations}")
             curve = [r for r in curve if r[0] <= start]
-            log.info("resuming %s from step %d", ckpt_path, start)
+            if main:
+                log.info("resuming %s from step %d of %d (%s)", out_path.stem, start, cfg.iterations, ckpt_path)
 
     wants_gt = bool(getattr(model, "wants_gt", False))
     net: nn.Module = model

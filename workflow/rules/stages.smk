@@ -3,11 +3,19 @@
 # in a `for` loop binds the loop variable late, so every rule would run the last stage's
 # command. Every rule runs exactly the command dvc.yaml runs for the same stage.
 
-from bnnpan.config import Params
+import sys
+
+from bnnpan.config import ConfigError, validate_params
 from bnnpan.pipeline import build_stages
 
-# `config` is params.yaml (configfile in the Snakefile), validated like everywhere else.
-_STAGES = build_stages(Params.model_validate(config))
+# `config` is params.yaml (configfile in the Snakefile), validated like everywhere else. A params error
+# ends the run here, before any job starts or any output is touched, with the same one-line message as
+# the CLI (naming the file and the key) instead of a traceback into this file.
+try:
+    _STAGES = build_stages(validate_params(config, ", ".join(map(str, workflow.configfiles)) or "params.yaml"))
+except ConfigError as _e:
+    print(f"error: {_e}", file=sys.stderr)
+    sys.exit(2)
 ALL_OUTPUTS = [o for s in _STAGES for o in (*s.outs, *s.metrics, *s.plots)]
 
 
@@ -17,7 +25,8 @@ def _stage_rule(stage):
         name:
             stage.name
         input:
-            [d for d in stage.deps],
+            # order-only deps (the params check's stamp): run after it, but never re-run because it is newer
+            [ancient(d) if d in stage.order_only else d for d in stage.deps],
         output:
             [directory(o) if o in stage.dirs else o for o in (*stage.outs, *stage.metrics, *stage.plots)],
         params:
