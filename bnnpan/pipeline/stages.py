@@ -53,7 +53,7 @@ class Stage:
     dirs: tuple[str, ...] = ()  # which outs/plots are directories (Snakemake's directory())
     uncached: tuple[str, ...] = ()  # small outs kept in git, not the DVC cache (reports)
     persist: tuple[str, ...] = ()  # outs DVC must not delete before running the stage
-    order_only: tuple[str, ...] = ()  # deps that only order the stage (Snakemake: ancient(), mtime ignored)
+    order_only: tuple[str, ...] = ()  # deps whose mtime Snakemake ignores (ancient()); DVC tracks them as usual
     param_digest: str = ""  # sha256 of the values of `params` (Snakemake's params rerun trigger)
     resources: dict[str, Any] = field(default_factory=dict)
     desc: str = ""
@@ -103,6 +103,7 @@ def _build(params: Params) -> list[Stage]:
         params=(),
         outs=(stamp,),
         persist=(stamp,),
+        order_only=("params.yaml", *CHECK_CODE),
         desc="validate params.yaml (and that dvc.yaml matches it) before any stage removes its outputs",
     )]
     for name, scene in params.scenes.items():

@@ -25,7 +25,9 @@ def _stage_rule(stage):
         name:
             stage.name
         input:
-            # order-only deps (the params check's stamp): run after it, but never re-run because it is newer
+            # Order-only deps: Snakemake ignores their mtimes. For the params check that is all of its deps: the
+            # Snakefile validates params.yaml when it loads (above), and a check job pending on a params edit would
+            # hide the edit from the params rerun trigger of every job below it. For the others it is the check's stamp.
             [ancient(d) if d in stage.order_only else d for d in stage.deps],
         output:
             [directory(o) if o in stage.dirs else o for o in (*stage.outs, *stage.metrics, *stage.plots)],
