@@ -1,8 +1,49 @@
-"""Shared set-up of the training benchmarks: the prepared dataset they run on."""
+"""Shared helpers of the benchmarks: the prepared dataset the training ones run on, and measuring a command
+(wall time and peak RSS of a child process)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a measured command: this checkout's ``bnnpan`` first on the path."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def measure_run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MiB, stdout) of one child process running ``cmd``.
+
+    A small wrapper process runs ``cmd`` and reads its children's ``ru_maxrss``, so the peak is the
+    command's own (imports included), not this script's. A failure exits with the command's stderr.
+    """
+    code = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        f"r = subprocess.run({cmd!r})\n"
+        "dt = time.perf_counter() - t\n"
+        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "print(f'{dt} {rss}')\n"
+        "sys.exit(r.returncode)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    *lines, last = out.stdout.rstrip("\n").split("\n")
+    dt, rss = last.split()
+    return float(dt), float(rss), "\n".join(lines)
+
+
+def measure(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process."""
+    dt, rss, _ = measure_run(cmd, cwd, env)
+    return dt, rss
 
 
 def prepared_params(p, dataset: str, work: Path):

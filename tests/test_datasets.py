@@ -143,3 +143,99 @@ def test_missing_and_corrupt_files(prepared, tmp_path):
         lazy = PanDataset(trunc, in_memory=False)
         for i in range(len(lazy)):
             lazy[i]
+
+
+def _batches(ds, n_batches: int, workers: int) -> list[dict]:
+    from bnnpan.train.loop import InfiniteBatchSampler
+
+    it = iter(DataLoader(ds, batch_sampler=InfiniteBatchSampler(len(ds), 16, 11, augment=True), num_workers=workers))
+    return [next(it) for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_batches_equal_in_memory_batches(prepared, workers):
+    """The training loop's DataLoader path (sampler with transforms, batches spanning two passes, so with
+    repeated indices) gives bit-identical batches streamed and in memory, with or without workers."""
+    path = prepared / "train.h5"
+    mem, lazy = PanDataset(path, in_memory=True), PanDataset(path, in_memory=False)
+    assert len(mem) % 16  # some batches straddle two permutations
+    for a, b in zip(_batches(mem, 12, 0), _batches(lazy, 12, workers), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    idx = [5, (3, 6), -1, 5, (0, 4), 2]
+    for sa, sb in zip(mem.__getitems__(idx), lazy.__getitems__(idx), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(lazy.__getitems__([-1])[0][k], mem[len(mem) - 1][k]) for k in mem.keys)
+    with pytest.raises(IndexError):
+        lazy.__getitems__([0, len(lazy)])
+    lazy.close()
+
+
+def test_a_streamed_batch_is_read_by_runs_of_indices(prepared, monkeypatch):
+    """One slice read per run of consecutive distinct indices and array, in file order (not one per sample)."""
+    lazy = PanDataset(prepared / "train.h5", in_memory=False)
+    calls = []
+    orig = h5py.Dataset.__getitem__
+
+    def spy(self, sel):
+        calls.append((self.name, repr(sel)))
+        return orig(self, sel)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    lazy.__getitems__([21, 6, 20, 5, 3, 7, 3, 6])  # distinct 3, 5-7, 20-21
+    runs = (slice(3, 4), slice(5, 8), slice(20, 22))
+    assert sorted(calls) == sorted((f"/{k}", repr(s)) for k in lazy.keys for s in runs)
+    lazy.close()
+
+
+def _pancollection_copy(src: Path, dst: Path, **layout) -> Path:
+    """``src``'s samples as PanCollection stores them: float64, plus the scale attribute bnnpan needs."""
+    with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
+        for k in ("gt", "lms", "ms", "pan"):
+            g.create_dataset(k, data=f[k][...].astype(np.float64), **layout)
+        g.attrs["scale"] = f.attrs["scale"]
+    return dst
+
+
+def test_float64_contiguous_file_streams_like_in_memory(prepared, tmp_path, caplog):
+    path = _pancollection_copy(prepared / "valid.h5", tmp_path / "pc.h5")
+    with caplog.at_level("WARNING"):
+        lazy = PanDataset(path, in_memory=False)
+    assert "h5repack" not in caplog.text  # contiguous: each sample read exactly
+    mem = PanDataset(path, in_memory=True)
+    for a, b in zip(_batches(mem, 4, 0), _batches(lazy, 4, 0), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    lazy.close()
+
+
+def test_multi_sample_filtered_chunks_are_read_right_and_flagged(prepared, tmp_path, caplog):
+    with h5py.File(prepared / "valid.h5") as f:
+        shapes = {k: f[k].shape for k in ("gt", "lms", "ms", "pan")}
+    path = tmp_path / "chunked.h5"
+    with h5py.File(prepared / "valid.h5", "r") as f, h5py.File(path, "w") as g:
+        for k, s in shapes.items():
+            g.create_dataset(k, data=f[k][...], chunks=(4, *s[1:]), compression="gzip")
+        g.attrs["scale"] = f.attrs["scale"]
+    with caplog.at_level("WARNING"):
+        lazy = PanDataset(path, in_memory=False)
+    assert "chunks of 4 samples" in caplog.text and "h5repack -l gt:CHUNK=1x3x64x64" in caplog.text
+    assert len(caplog.text.strip().splitlines()) == 1
+    mem = PanDataset(prepared / "valid.h5", in_memory=True)
+    for a, b in zip(_batches(mem, 3, 0), _batches(lazy, 3, 0), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    lazy.close()
+
+
+def test_samples_never_share_memory(prepared):
+    """Changing a returned sample in place changes nothing else: not the in-memory arrays (any transform), not
+    a repeated index of the same streamed batch."""
+    path = prepared / "train.h5"
+    mem, lazy = PanDataset(path, in_memory=True), PanDataset(path, in_memory=False)
+    for t in range(N_TRANSFORMS):
+        before = mem[(2, t)]["gt"].clone()
+        mem[(2, t)]["gt"].fill_(-1.0)
+        mem.__getitems__([(2, t)])[0]["gt"].fill_(-1.0)
+        assert torch.equal(mem[(2, t)]["gt"], before)
+    a, b = lazy.__getitems__([(4, 0), (4, 0)])
+    a["lms"].fill_(-1.0)
+    assert torch.equal(b["lms"], mem[4]["lms"])
+    lazy.close()

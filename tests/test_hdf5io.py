@@ -132,3 +132,45 @@ def test_evaluate_refuses_a_corrupted_test_file(prepared_copy, tmp_path, where):
     assert "Traceback" not in r.output
     # nothing scored from the damaged file: the earlier metrics stay as they were
     assert (tmp_path / "reports" / "d" / "exp" / "metrics.json").read_bytes() == before
+
+
+def test_sample_writer_equals_write_h5(tmp_path):
+    """Streamed in blocks (here 2 samples a block, 5 samples), the file holds what write_h5 writes from the
+    stacked arrays: values cast to the dtype, one checksummed sample per chunk, the same dataset order and
+    attributes; the sample datasets are resizable."""
+    from bnnpan.data.hdf5io import SampleWriter
+
+    a = _arrays(5)
+    samples = {k: a[k].astype(np.float64) + 0.1 for k in ("gt", "lms", "ms", "pan")}
+    path = tmp_path / "s.h5"
+    with SampleWriter(path, np.float32, block_bytes=2 * 4 * (2 * 4 * 32 * 32 + 4 * 8 * 8 + 32 * 32)) as w:
+        for i in range(5):
+            w.append({k: v[i] for k, v in samples.items()})
+        assert w.n == 4  # two full blocks flushed, one sample still buffered
+        w.finish({"window": a["window"]}, ATTRS)
+    ref = write_h5(tmp_path / "r.h5", {**{k: v.astype(np.float32) for k, v in samples.items()},
+                                       "window": a["window"]}, ATTRS)
+    with h5py.File(path) as f, h5py.File(ref) as g:
+        assert list(f) == list(g) == ["gt", "lms", "ms", "pan", "window"]
+        for k in g:
+            assert f[k].dtype == g[k].dtype and f[k].chunks == g[k].chunks and f[k].fletcher32, k
+            np.testing.assert_array_equal(f[k][...], g[k][...])
+        assert f["gt"].maxshape == (None, 4, 32, 32)
+        assert dict(f.attrs) == dict(g.attrs)
+    assert validate_h5(path)["n"] == 5
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["r.h5", "s.h5"]  # no temporary left
+
+
+def test_sample_writer_leaves_nothing_on_failure(tmp_path):
+    from bnnpan.data.hdf5io import SampleWriter
+
+    a = _arrays(2)
+    with pytest.raises(RuntimeError, match="interrupted"), SampleWriter(tmp_path / "x.h5", np.float32) as w:
+        w.append({k: a[k][0] for k in ("gt", "lms", "ms", "pan")})
+        raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError, match="without finish"), SampleWriter(tmp_path / "y.h5", np.float32) as w:
+        w.append({k: a[k][0] for k in ("gt", "lms", "ms", "pan")})
+    with pytest.raises(ValueError, match="shape"), SampleWriter(tmp_path / "z.h5", np.float32) as w:
+        w.append({k: a[k][0] for k in ("gt", "lms", "ms", "pan")})
+        w.append({**{k: a[k][0] for k in ("gt", "lms", "ms")}, "pan": a["pan"][0, :, :16]})
+    assert list(tmp_path.iterdir()) == []

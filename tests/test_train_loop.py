@@ -147,6 +147,23 @@ def test_kill_and_resume_is_bit_identical(run_a, data, tmp_path):
     _assert_same_state(net2.state_dict(), state_a)
 
 
+def test_streamed_training_and_resume_equal_the_in_memory_run(run_a, data, tmp_path, monkeypatch):
+    """Files above the in-memory limit are streamed (batched h5py reads): the same samples in the same order,
+    so a streamed run killed at step 6 and resumed ends on run A's weights (in memory, uninterrupted)."""
+    from bnnpan.data import datasets
+
+    _, state_a, res_a, _ = run_a
+    monkeypatch.setattr(datasets, "IN_MEMORY_BYTES", 0)
+    assert not PanDataset(data / "train.h5").in_memory
+    out = tmp_path / "model.pt"
+    with pytest.raises(_Stop):
+        _run(data, out, log_fn=_stop_at(6, []))
+    net, res = _run(data, out)
+    assert res["step"] == 12
+    _assert_same_state(net.state_dict(), state_a)
+    assert res["val_psnr"] == res_a["val_psnr"]
+
+
 def test_sigterm_and_resume_is_bit_identical(run_a, data, tmp_path):
     """A real SIGTERM kills a training subprocess between checkpoints; the resumed run matches run A."""
     _, state_a, _, _ = run_a

@@ -32,6 +32,7 @@ from PIL import Image
 from scipy import ndimage
 
 from bnnpan.data.wald import (
+    apply_taps,
     bicubic_shrink,
     decimate,
     degrade_ms,
@@ -41,6 +42,7 @@ from bnnpan.data.wald import (
     mtf_filter,
     mtf_kernel,
     nyquist_response,
+    shrink_taps,
 )
 
 PAIRS = [(0.30, 4), (0.35, 4), (0.27, 4), (0.15, 4), (0.30, 2), (0.15, 2)]
@@ -255,6 +257,90 @@ def test_bicubic_shrink_constant_and_shapes() -> None:
     assert bicubic_shrink(np.full((12, 8), c), 2).shape == (6, 4)
     with pytest.raises(ValueError, match="divisible"):
         bicubic_shrink(np.zeros((10, 8)), 4)
+
+
+def _dense_shrink_matrix(in_len: int, ratio: int) -> np.ndarray:
+    """The pre-issue-11 dense ``(L/ratio) x L`` MATLAB antialiased-bicubic matrix (reference)."""
+    out_len = in_len // ratio
+    i = np.arange(1, out_len + 1, dtype=np.float64)
+    u = i * ratio + 0.5 * (1.0 - ratio)
+    idx = np.floor(u - 2.0 * ratio)[:, None] + np.arange(math.ceil(4.0 * ratio) + 2)[None, :]
+    x = np.abs((u[:, None] - idx) / ratio)
+    x2 = x * x
+    x3 = x2 * x
+    cubic = (1.5 * x3 - 2.5 * x2 + 1.0) * (x <= 1.0) + (-0.5 * x3 + 2.5 * x2 - 4.0 * x + 2.0) * ((x > 1.0) & (x <= 2.0))
+    wts = (1.0 / ratio) * cubic
+    wts = wts / wts.sum(axis=1, keepdims=True)
+    aux = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
+    idx0 = aux[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
+    mat = np.zeros((out_len, in_len))
+    np.add.at(mat, (np.broadcast_to(np.arange(out_len)[:, None], idx0.shape), idx0), wts)
+    return mat
+
+
+def _dense_shrink(img: np.ndarray, ratio: int) -> np.ndarray:
+    return _dense_shrink_matrix(img.shape[-2], ratio) @ img @ _dense_shrink_matrix(img.shape[-1], ratio).T
+
+
+@pytest.mark.parametrize("ratio", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 2, 5, 40])
+def test_shrink_taps_are_the_dense_matrix_band(ratio: int, n: int) -> None:
+    """Scattered back, the taps are the dense matrix exactly (same sums of duplicate mirrored taps), and every
+    tap index, zero-weight ones included, lies inside the axis."""
+    length = n * ratio
+    lo, w = shrink_taps(length, ratio)
+    assert lo.min() >= 0 and (lo + w.shape[1]).max() <= length and w.shape[1] <= 4 * ratio + 2
+    mat = np.zeros((length // ratio, length))
+    for k in range(w.shape[1]):
+        mat[np.arange(len(lo)), lo + k] += w[:, k]
+    np.testing.assert_array_equal(mat, _dense_shrink_matrix(length, ratio))
+
+
+@pytest.mark.parametrize(("ratio", "shape"), [(2, (3, 10, 14)), (4, (2, 64, 36)), (4, (1, 4, 8)), (8, (96, 40))])
+def test_bicubic_shrink_equals_the_dense_reference_random(ratio: int, shape: tuple[int, ...]) -> None:
+    img = np.random.default_rng(ratio).uniform(0, 2047, shape)
+    ref = _dense_shrink(img, ratio)
+    np.testing.assert_allclose(bicubic_shrink(img, ratio), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def test_bicubic_shrink_equals_the_dense_reference_real(shared_data) -> None:
+    import rasterio
+
+    with rasterio.open(shared_data / "worldview2-spacenet6" / "pan2.tif") as ds:  # ~35 % nodata: sharp edges
+        pan = ds.read(1).astype(np.float64)
+    for ratio in (2, 4):
+        ref = _dense_shrink(pan, ratio)
+        np.testing.assert_allclose(bicubic_shrink(pan, ratio), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def test_shrinking_a_window_gives_the_same_bits() -> None:
+    """Each output sample is its own ordered sum of its taps: a window of rows and columns, read from the band
+    of input it needs, equals the crop of the whole image's result exactly (what prepare's windows rely on)."""
+    img = np.random.default_rng(7).uniform(0, 2047, (88, 72))
+    r = 4
+    (lo_r, w_r), (lo_c, w_c) = shrink_taps(88, r), shrink_taps(72, r)
+    whole = bicubic_shrink(img, r)
+    for a, b, c, d in ((0, 5, 0, 18), (3, 9, 4, 11), (20, 22, 17, 18), (0, 22, 0, 18)):
+        r0, r1 = lo_r[a:b].min(), lo_r[a:b].max() + w_r.shape[1]
+        c0, c1 = lo_c[c:d].min(), lo_c[c:d].max() + w_c.shape[1]
+        out = apply_taps(img[r0:r1, c0:c1], lo_r[a:b] - r0, w_r[a:b], axis=0)
+        out = apply_taps(out, lo_c[c:d] - c0, w_c[c:d], axis=1)
+        np.testing.assert_array_equal(out, whole[a:b, c:d])
+
+
+def test_mtf_filter_of_a_padded_window() -> None:
+    """``padded=True`` on the edge-padded image is the plain filter bit for bit; on a window carrying its
+    neighbours (edge values beyond the image) it equals the whole image's result to rounding."""
+    img = np.random.default_rng(8).uniform(0, 2047, (2, 70, 50))
+    whole = mtf_filter(img, [0.3, 0.35], 4)
+    padded = np.pad(img, ((0, 0), (20, 20), (20, 20)), mode="edge")
+    np.testing.assert_array_equal(mtf_filter(padded, [0.3, 0.35], 4, padded=True), whole)
+    rows, cols = np.clip(np.arange(30 - 20, 62 + 20), 0, 69), np.clip(np.arange(-20, 12 + 20), 0, 49)
+    win = mtf_filter(img[:, rows][:, :, cols], [0.3, 0.35], 4, padded=True)
+    assert win.shape == (2, 32, 12)
+    np.testing.assert_allclose(win, whole[:, 30:62, 0:12], rtol=0, atol=1e-12 * np.abs(whole).max())
+    with pytest.raises(ValueError, match="margins"):
+        mtf_filter(np.zeros((40, 60)), 0.3, 4, padded=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,14 +24,26 @@ default: the no-reference indices are undefined on flat blocks) are dropped.
 ``lms`` is interpolated per sample from that sample's ``ms`` (PanCollection convention),
 so ``lms`` can always be recomputed from ``ms`` and carries nothing from outside the
 footprint.
+
+**Streaming.** Memory does not grow with the scene: the raw GeoTIFFs are read by windows
+(rasterio, GDAL's block cache capped at :data:`GDAL_CACHE_MB`); a region is degraded at once when
+it fits in :data:`STRIP_BYTES`, else window by window (:func:`_cut_reduced`), each window read
+with the context its filters need (20 pixels for the 41-tap MTF, the region's edges replicated as
+the one-shot filter pads them; the bicubic shrink's band of input rows), so the values are the
+one-shot ones; and every sample is appended to its file as it is made
+(:class:`bnnpan.data.hdf5io.SampleWriter`). What stays in memory is one window, one block of
+samples per file, the scene's nodata mask (one bool per MS pixel) and 66 bytes of provenance per
+sample. Cost: the rows shared by two windows (filter margins) are filtered twice.
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
 import json
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +53,8 @@ import bnnpan
 from bnnpan.atomic import atomic_dir
 from bnnpan.config import DatasetConfig, Params
 from bnnpan.data import wald
-from bnnpan.data.hdf5io import write_h5
-from bnnpan.data.scene import SceneError, nodata_mask, read_raw_scene, sha256_file
+from bnnpan.data.hdf5io import SampleWriter
+from bnnpan.data.scene import SceneError, nodata_mask, sha256_file
 from bnnpan.sensors import get_sensor
 
 SPLITS = ("train", "valid", "test_rr", "test_fr")
@@ -112,16 +124,99 @@ def plan_regions(h: int, w: int, role: str, cfg: DatasetConfig, ratio: int, what
     return regions, T, F
 
 
-@dataclass
-class _Bucket:
-    arrays: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in ("gt", "lms", "ms", "pan")})
-    window: list[tuple[int, int, int, int]] = field(default_factory=list)
-    scene_index: list[int] = field(default_factory=list)
-    geotransform: list[tuple[float, ...]] = field(default_factory=list)
-    dropped: int = 0
+#: Bytes of a window being degraded (float64 MS + PAN reads, filter margins, padded copies, FFT buffers:
+#: :func:`_row_bytes`): a larger region is degraded window by window (:func:`_cut_reduced`), so memory
+#: does not grow with the scene. The default scene's regions fit in one window (the one-shot
+#: computation, bit for bit).
+STRIP_BYTES = 64 * 2**20
+#: GDAL's raster block cache while reading a scene (MB): bounded, whatever the machine's RAM.
+GDAL_CACHE_MB = 32
+MTF_TAPS = 41
+_MARGIN = (MTF_TAPS - 1) // 2  # rows/columns of context the MTF filter needs on each side
+
+
+class _SceneReader:
+    """Windowed float64 reads of a raw scene (``pan.tif``, ``ms.tif``, ``scene.json``) with rasterio.
+
+    Reads only the rows and columns asked for, as :func:`bnnpan.data.scene.read_raw_scene` reads the
+    whole files (same values: the stored DN cast to float64). Errors name the scene directory.
+    """
+
+    def __init__(self, scene_dir: Path) -> None:
+        import rasterio
+
+        self.dir = scene_dir
+        meta_path = scene_dir / "scene.json"
+        if not meta_path.is_file():
+            raise SceneError(f"{scene_dir}: no scene.json (run `bnnpan fetch` first)")
+        self.meta = json.loads(meta_path.read_text())
+        self._stack = contextlib.ExitStack()
+        try:
+            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
+            self._pan = self._stack.enter_context(rasterio.open(scene_dir / "pan.tif"))
+            self._ms = self._stack.enter_context(rasterio.open(scene_dir / "ms.tif"))
+        except rasterio.errors.RasterioError as e:
+            self._stack.close()
+            raise SceneError(f"{scene_dir}: cannot read raster: {e}") from None
+        self.pan_shape = (self._pan.height, self._pan.width)
+        self.ms_shape = (self._ms.count, self._ms.height, self._ms.width)
+        r = get_sensor(self.meta["sensor"]).ratio
+        if self.pan_shape != (self.ms_shape[1] * r, self.ms_shape[2] * r):
+            self._stack.close()
+            raise SceneError(f"{scene_dir}: PAN {self.pan_shape} is not ratio {r} x MS {self.ms_shape[1:]}")
+
+    def _read(self, ds: Any, indexes: Any, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        try:
+            return ds.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0)).astype(np.float64)
+        except RasterioError as e:
+            raise SceneError(f"{self.dir}: cannot read raster: {e}") from None
+
+    def pan(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """PAN rows [r0, r1) x columns [c0, c1), float64 (H, W)."""
+        return self._read(self._pan, 1, r0, r1, c0, c1)
+
+    def ms(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """MS rows [r0, r1) x columns [c0, c1) of every band, float64 (C, h, w)."""
+        return self._read(self._ms, None, r0, r1, c0, c1)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> _SceneReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Split:
+    """One output file being written: samples streamed to disk, per-sample provenance kept compactly
+    (66 bytes a sample: :meth:`arrays` gives it back as the int16 / int32 / float64 arrays of the file)."""
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.writer = SampleWriter(path, dtype)
+        self.window = array.array("i")  # 4 per sample
+        self.scene_index = array.array("h")
+        self.geotransform = array.array("d")  # 6 per sample
+        self.dropped = 0
+
+    def add(self, sample: dict[str, np.ndarray], window: tuple[int, int, int, int], scene_idx: int,
+            geotransform: tuple[float, ...]) -> None:
+        self.writer.append(sample)
+        self.window.extend(window)
+        self.scene_index.append(scene_idx)
+        self.geotransform.extend(geotransform)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"scene_index": np.asarray(self.scene_index, dtype=np.int16),
+                "window": np.asarray(self.window, dtype=np.int32).reshape(-1, 4),
+                "geotransform": np.asarray(self.geotransform, dtype=np.float64).reshape(-1, 6)}
 
     def __len__(self) -> int:
-        return len(self.window)
+        return len(self.scene_index)
 
 
 def _nodata_mask(pan: np.ndarray, ms: np.ndarray, nodata: float | None, ratio: int) -> np.ndarray:
@@ -129,6 +224,19 @@ def _nodata_mask(pan: np.ndarray, ms: np.ndarray, nodata: float | None, ratio: i
     h, w = ms.shape[1:]
     m = nodata_mask(pan[: h * ratio, : w * ratio], ms, ratio, nodata)
     return m.reshape(h, ratio, w, ratio).any(axis=(1, 3))
+
+
+def _scene_mask(reader: _SceneReader, nodata: float | None, ratio: int) -> np.ndarray:
+    """:func:`_nodata_mask` of the whole scene (one bool per MS pixel), read in row blocks."""
+    c, h, w = reader.ms_shape
+    mask = np.zeros((h, w), dtype=bool)
+    if nodata is None:
+        return mask
+    rows = max(1, STRIP_BYTES // (8 * (c * w + 2 * ratio * ratio * w)))
+    for a in range(0, h, rows):
+        b = min(h, a + rows)
+        mask[a:b] = _nodata_mask(reader.pan(ratio * a, ratio * b, 0, ratio * w), reader.ms(a, b, 0, w), nodata, ratio)
+    return mask
 
 
 def _grid(n: int, size: int, stride: int) -> range:
@@ -141,48 +249,180 @@ def _gt_list(t: list[float], row: int, col: int) -> tuple[float, ...]:
     return (c + a * col + b * row, a, b, f + d * col + e * row, d, e)
 
 
-def _cut_reduced(bucket: _Bucket, reg: Region, pan: np.ndarray, ms: np.ndarray, mask: np.ndarray,
-                 gains: tuple[float, ...], pan_gain: float, ratio: int, size: int, stride: int,
-                 max_nodata: float, cfg: DatasetConfig, scene_idx: int, ms_t: list[float]) -> None:
+def _clamped(n: int, a: int, b: int, lo: int) -> np.ndarray:
+    """Indices, relative to a read starting at ``lo``, of positions ``a - m .. b + m - 1`` of an axis of
+    length ``n`` clamped to ``[0, n)`` (``m`` = the MTF margin): the replicate padding of a region's
+    one-shot filter, seen through a window."""
+    return np.clip(np.arange(a - _MARGIN, b + _MARGIN), 0, n - 1) - lo
+
+
+def _mtf_window(read: Callable[[int, int, int, int], np.ndarray], H: int, W: int, a: int, b: int, c: int,
+                d: int, gains: Any, ratio: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(x[a:b, c:d], decimate(mtf_filter(x), ratio)[a/R:b/R, c/R:d/R])`` for the ``H x W`` region ``x``.
+
+    ``read(r0, r1, c0, c1)`` returns region rows/columns (2-D or bands first). Only the window and its
+    20-pixel margins are read; margins beyond the region are its edge values, as the one-shot filter's
+    replicate padding, so the values are the one-shot ones (bit for bit when the window is the region,
+    to FFT rounding otherwise).
+    """
+    m = _MARGIN
+    r0, r1, c0, c1 = max(0, a - m), min(H, b + m), max(0, c - m), min(W, d + m)
+    src = read(r0, r1, c0, c1)
+    rows, cols = _clamped(H, a, b, r0), _clamped(W, c, d, c0)
+    padded = src[..., rows, :][..., cols]
+    low = wald.decimate(wald.mtf_filter(padded, gains, ratio, MTF_TAPS, padded=True), ratio)
+    return src[..., a - r0 : b - r0, c - c0 : d - c0], low
+
+
+def _degrade_window(reader: _SceneReader, reg: Region, a: int, b: int, c: int, d: int, gains: tuple[float, ...],
+                    pan_gain: float, ratio: int, cfg: DatasetConfig, taps: dict[str, Any]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows [a, b) x columns [c, d) (region-relative, multiples of ``ratio``) of the region's Wald degradation.
+
+    Returns ``(gt, ms_lr, pan_lr)``: the original MS window, the window's part of
+    ``degrade_ms(region MS)`` (rows [a/R, b/R), columns [c/R, d/R)) and of ``degrade_pan(region PAN)``
+    (rows [a, b), columns [c, d)), computed from what the filters need around the window: 20 pixels
+    of margin for the 41-tap MTF (:func:`_mtf_window`), the band of input rows/columns of
+    :func:`bnnpan.data.wald.shrink_taps` for the bicubic PAN. So a region cut into windows gives the
+    one-shot values: exactly for ``gt`` and the bicubic PAN, up to FFT rounding (~1e-16 relative) for
+    the MTF-filtered arrays, exactly again when the window is the whole region.
+    """
     R = ratio
-    gt_reg = ms[:, reg.r0 : reg.r1, reg.c0 : reg.c1]
-    pan_reg = pan[R * reg.r0 : R * reg.r1, R * reg.c0 : R * reg.c1]
-    ms_lr = wald.degrade_ms(gt_reg, gains, R)
-    pan_lr = wald.degrade_pan(pan_reg, R, cfg.pan_degradation, gain=pan_gain)
+    hh, ww = reg.shape
+
+    def ms(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        return reader.ms(reg.r0 + r0, reg.r0 + r1, reg.c0 + c0, reg.c0 + c1)
+
+    def pan(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        return reader.pan(R * reg.r0 + r0, R * reg.r0 + r1, R * reg.c0 + c0, R * reg.c0 + c1)
+
+    gt, ms_lr = _mtf_window(ms, hh, ww, a, b, c, d, gains, R)
+    if cfg.pan_degradation == "mtf":
+        pan_lr = _mtf_window(pan, R * hh, R * ww, R * a, R * b, R * c, R * d, pan_gain, R)[1]
+    else:  # bicubic: output row i reads input rows lo[i] .. lo[i] + K - 1 (columns alike)
+        (lo_r, w_r), (lo_c, w_c) = taps["rows"], taps["cols"]
+        r0, r1 = int(lo_r[a:b].min()), int(lo_r[a:b].max()) + w_r.shape[1]
+        c0, c1 = int(lo_c[c:d].min()), int(lo_c[c:d].max()) + w_c.shape[1]
+        pan_lr = wald.apply_taps(pan(r0, r1, c0, c1), lo_r[a:b] - r0, w_r[a:b], axis=0)
+        pan_lr = wald.apply_taps(pan_lr, lo_c[c:d] - c0, w_c[c:d], axis=1)
+    return gt, ms_lr, pan_lr
+
+
+def _row_bytes(c: int, ratio: int, width: int) -> int:
+    """Rough bytes per MS row of a ``width``-column window being degraded: the float64 MS and PAN reads,
+    their padded copies and the FFT buffers of one band (what :data:`STRIP_BYTES` budgets)."""
+    w = width + 2 * _MARGIN
+    return 8 * (2 * c * w + 6 * w + 3 * ratio * (ratio * width + 2 * _MARGIN))
+
+
+def _cut_reduced(out: _Split, reader: _SceneReader, reg: Region, mask: np.ndarray, gains: tuple[float, ...],
+                 pan_gain: float, ratio: int, size: int, stride: int, max_nodata: float, cfg: DatasetConfig,
+                 scene_idx: int, ms_t: list[float]) -> None:
+    """Reduced-resolution samples of one region (patches or test tiles), streamed window by window.
+
+    The same samples, in the same order (rows, then columns), as degrading the whole region at once:
+    a sample whose footprint is more than ``max_nodata`` nodata is dropped (counted) before anything
+    is computed, and no window is degraded for dropped samples only. Three ways, by size:
+
+    * the region with its margins fits in :data:`STRIP_BYTES`: one window, the whole region (the
+      one-shot computation, bit for bit);
+    * overlapping samples (``stride < size``, training patches): full-width blocks of rows, each
+      degraded once, kept in a rolling buffer until the sample rows they feed are written (memory:
+      one block plus ``size`` + one block of degraded rows);
+    * non-overlapping samples (validation patches, test tiles): one sample row at a time, in windows
+      of as many samples as the budget allows.
+    """
+    R = ratio
     m = mask[reg.r0 : reg.r1, reg.c0 : reg.c1]
     hh, ww = reg.shape
+    xs = list(_grid(ww, size, stride))
+    keep: dict[int, list[int]] = {}
     for y in _grid(hh, size, stride):
-        for x in _grid(ww, size, stride):
+        keep[y] = []
+        for x in xs:
             if m[y : y + size, x : x + size].mean() > max_nodata:
-                bucket.dropped += 1
-                continue
-            ms_p = ms_lr[:, y // R : (y + size) // R, x // R : (x + size) // R]
-            bucket.arrays["gt"].append(gt_reg[:, y : y + size, x : x + size])
-            bucket.arrays["ms"].append(ms_p)
-            bucket.arrays["lms"].append(wald.interp23(ms_p, R))
-            bucket.arrays["pan"].append(pan_lr[None, y : y + size, x : x + size])
-            bucket.window.append((reg.r0 + y, reg.c0 + x, size, size))
-            bucket.scene_index.append(scene_idx)
-            bucket.geotransform.append(_gt_list(ms_t, reg.r0 + y, reg.c0 + x))
+                out.dropped += 1
+            else:
+                keep[y].append(x)
+    rows_needed = [y for y, v in keep.items() if v]
+    if not rows_needed:
+        return
+    c = reader.ms_shape[0]
+    taps: dict[str, Any] = {}
+    if cfg.pan_degradation != "mtf":
+        taps = {"rows": wald.shrink_taps(R * hh, R), "cols": wald.shrink_taps(R * ww, R)}
+
+    def emit(y: int, x: int, gt: np.ndarray, ms_lr: np.ndarray, pan_lr: np.ndarray, a: int, c0: int) -> None:
+        """Sample (y, x) from a degraded window whose first row is ``a`` and first column ``c0``."""
+        ms_p = ms_lr[:, (y - a) // R : (y - a + size) // R, (x - c0) // R : (x - c0 + size) // R]
+        out.add({"gt": gt[:, y - a : y - a + size, x - c0 : x - c0 + size], "lms": wald.interp23(ms_p, R),
+                 "ms": ms_p, "pan": pan_lr[None, y - a : y - a + size, x - c0 : x - c0 + size]},
+                (reg.r0 + y, reg.c0 + x, size, size), scene_idx, _gt_list(ms_t, reg.r0 + y, reg.c0 + x))
+
+    if (hh + 2 * _MARGIN) * _row_bytes(c, R, ww) <= STRIP_BYTES:  # the whole region at once
+        win = _degrade_window(reader, reg, 0, hh, 0, ww, gains, pan_gain, R, cfg, taps)
+        for y in rows_needed:
+            for x in keep[y]:
+                emit(y, x, *win, 0, 0)
+        return
+    if stride >= size:  # sample rows do not overlap: one row at a time, in windows of whole samples
+        span = size  # the widest window within the budget (at least one sample)
+        while span + stride <= ww and (size + 2 * _MARGIN) * _row_bytes(c, R, span + stride) <= STRIP_BYTES:
+            span += stride
+        for y in rows_needed:
+            groups: list[list[int]] = []
+            for x in keep[y]:
+                if groups and x + size - groups[-1][0] <= span:
+                    groups[-1].append(x)
+                else:
+                    groups.append([x])
+            for group in groups:
+                win = _degrade_window(reader, reg, y, y + size, group[0], group[-1] + size, gains, pan_gain, R,
+                                      cfg, taps)
+                for x in group:
+                    emit(y, x, *win, y, group[0])
+        return
+    # Overlapping sample rows: degrade full-width row blocks [a, b) once each, keep the rows still needed.
+    block = max(R, (STRIP_BYTES // _row_bytes(c, R, ww) - 2 * _MARGIN) // R * R)
+    buf: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    buf_a = 0  # first region row held in buf
+    pending = list(rows_needed)
+    a = 0
+    while pending:
+        a = max(a, pending[0] - pending[0] % R)  # skip rows no kept sample needs
+        b = min(hh, a + block)
+        new = _degrade_window(reader, reg, a, b, 0, ww, gains, pan_gain, R, cfg, taps)
+        if buf is None or buf_a + buf[0].shape[1] != a:
+            buf, buf_a = new, a
+        else:
+            buf = (np.concatenate([buf[0], new[0]], axis=1), np.concatenate([buf[1], new[1]], axis=1),
+                   np.concatenate([buf[2], new[2]], axis=0))
+        while pending and pending[0] + size <= b:
+            y = pending.pop(0)
+            for x in keep[y]:
+                emit(y, x, *buf, buf_a, 0)
+        if pending:  # drop the rows no pending sample needs (keep a multiple of R for ms_lr)
+            cut = (min(pending[0], b) - buf_a) // R * R
+            buf = (buf[0][:, cut:], buf[1][:, cut // R :], buf[2][cut:])
+            buf_a += cut
+        a = b
 
 
-def _cut_full(bucket: _Bucket, reg: Region, pan: np.ndarray, ms: np.ndarray, mask: np.ndarray,
-              ratio: int, F: int, max_nodata: float, scene_idx: int, pan_t: list[float]) -> None:
+def _cut_full(out: _Split, reader: _SceneReader, reg: Region, mask: np.ndarray, ratio: int, F: int,
+              max_nodata: float, scene_idx: int, pan_t: list[float]) -> None:
+    """Full-resolution test tiles of one region: the original PAN and MS, read tile by tile."""
     R, f = ratio, F // ratio
     hh, ww = reg.shape
     for y in _grid(hh, f, f):
         for x in _grid(ww, f, f):
             r, c = reg.r0 + y, reg.c0 + x
             if mask[r : r + f, c : c + f].mean() > max_nodata:
-                bucket.dropped += 1
+                out.dropped += 1
                 continue
-            ms_p = ms[:, r : r + f, c : c + f]
-            bucket.arrays["ms"].append(ms_p)
-            bucket.arrays["lms"].append(wald.interp23(ms_p, R))
-            bucket.arrays["pan"].append(pan[None, R * r : R * r + F, R * c : R * c + F])
-            bucket.window.append((r, c, f, f))
-            bucket.scene_index.append(scene_idx)
-            bucket.geotransform.append(_gt_list(pan_t, R * r, R * c))
+            ms_p = reader.ms(r, r + f, c, c + f)
+            pan_p = reader.pan(R * r, R * r + F, R * c, R * c + F)[None]
+            out.add({"lms": wald.interp23(ms_p, R), "ms": ms_p, "pan": pan_p}, (r, c, f, f), scene_idx,
+                    _gt_list(pan_t, R * r, R * c))
 
 
 def code_version() -> str:
@@ -202,12 +442,16 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
     Everything is written into a temporary directory beside ``out_dir`` and renamed into
     place at the end, so an interrupted run leaves the previous result (or nothing).
     ``progress(message, done, total)`` is called after each region is cut.
+
+    Memory does not grow with the scenes: each scene is read by windows (its nodata mask, one
+    bool per MS pixel, is the only whole-scene array), degraded strip by strip
+    (:data:`STRIP_BYTES`) and every sample is appended to its file as it is made
+    (:class:`bnnpan.data.hdf5io.SampleWriter`).
     """
     if dataset not in params.datasets:
         raise SceneError(f"unknown dataset {dataset!r}; params define {sorted(params.datasets)}")
     cfg = params.datasets[dataset]
     out_dir = Path(out_dir or Path(params.paths.prepared) / dataset)
-    buckets = {s: _Bucket() for s in SPLITS}
     scenes_meta: list[dict[str, Any]] = []
     sensor = None
     bands: list[str] | None = None
@@ -232,97 +476,102 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
         if progress:
             progress(f"{dataset}: {msg}", done, total)
 
-    for idx, name in enumerate(cfg.scenes):
-        if progress:
-            progress(f"{dataset}: reading {name}", done, total)
-        scene_dir = Path(params.paths.raw) / name
-        pan, ms, meta = read_raw_scene(scene_dir)
-        s = get_sensor(meta["sensor"])
-        if sensor is None:
-            sensor, bands = s, meta["bands"]
-        elif s.name != sensor.name or meta["bands"] != bands:
-            raise SceneError(
-                f"{scene_dir}: sensor/bands {s.name} {meta['bands']} differ from the dataset's "
-                f"first scene ({sensor.name} {bands})"
-            )
-        names, gains = s.select(meta["bands"])
-        R = s.ratio
-        role = cfg.role(name)
-        regions, T, F = plans[idx]
-        mask = _nodata_mask(pan, ms, meta.get("nodata"), R)
-        for reg in regions:
-            if reg.split == "train":
-                _cut_reduced(buckets["train"], reg, pan, ms, mask, gains, s.pan_gain, R, cfg.patch,
-                             cfg.stride, cfg.max_nodata_fraction, cfg, idx, meta["ms_transform"])
-                step(f"{name} train patches")
-            elif reg.split == "valid":
-                _cut_reduced(buckets["valid"], reg, pan, ms, mask, gains, s.pan_gain, R, cfg.patch,
-                             cfg.patch, cfg.max_nodata_fraction, cfg, idx, meta["ms_transform"])
-                step(f"{name} validation patches")
-            else:
-                _cut_reduced(buckets["test_rr"], reg, pan, ms, mask, gains, s.pan_gain, R, T, T,
-                             cfg.test_max_nodata_fraction, cfg, idx, meta["ms_transform"])
-                step(f"{name} reduced-resolution test tiles")
-                _cut_full(buckets["test_fr"], reg, pan, ms, mask, R, F, cfg.test_max_nodata_fraction,
-                          idx, meta["pan_transform"])
-                step(f"{name} full-resolution test tiles")
-        if T:
-            tiles["test_tile"].append(T)
-            tiles["fr_tile"].append(F)
-        scenes_meta.append({
-            "name": name, "role": role, "ms_shape": list(ms.shape), "pan_shape": list(pan.shape),
-            "regions": [r.__dict__ for r in regions], "test_tile": T, "fr_tile": F,
-            "nodata_fraction": float(mask.mean()), "crs": meta.get("crs"),
-            "licence": meta.get("licence"), "attribution": meta.get("attribution"),
-            "residual_shift_pan_px": meta.get("residual_shift_pan_px"),
-        })
-    assert sensor is not None and bands is not None
-    for split in SPLITS:
-        if len(buckets[split]) == 0:
-            raise SceneError(
-                f"dataset {dataset}: no {split} samples (scenes {cfg.scenes}; "
-                f"{buckets[split].dropped} dropped for nodata) - check roles and sizes"
-            )
-    # The same tile side everywhere in a file (different scenes may allow different sizes).
-    for key in ("test_tile", "fr_tile"):
-        if len(set(tiles[key])) > 1:
-            raise SceneError(f"dataset {dataset}: scenes allow different {key} sizes {tiles[key]}; "
-                             f"set {key} to {min(tiles[key])}")
     dtype = np.dtype(cfg.dtype)
-    settings = {
-        **cfg.model_dump(mode="json"),
-        "mtf_taps": 41, "kaiser_beta": 0.5, "decimation_offset": "ratio/2",
-        "interpolator": "23-tap polynomial (circular borders), per sample",
-        "test_tile_used": tiles["test_tile"][0] if tiles["test_tile"] else None,
-        "fr_tile_used": tiles["fr_tile"][0] if tiles["fr_tile"] else None,
-    }
-    common = {
-        "sensor": sensor.name, "ratio": sensor.ratio, "scale": sensor.scale, "bands": list(bands),
-        "rgb": list(sensor.rgb_indices(tuple(bands)) or []), "scenes": list(cfg.scenes),
-        "crs": {m["name"]: m["crs"] for m in scenes_meta}, "code_version": code_version(),
-        "dataset": dataset, "settings": settings, "value_unit": "DN (divide by scale)",
-    }
-    files: dict[str, Any] = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, contextlib.ExitStack() as files:
+        outs = {s: _Split(tmp / f"{s}.h5", dtype) for s in SPLITS}
+        for o in outs.values():
+            files.enter_context(o.writer)
+        for idx, name in enumerate(cfg.scenes):
+            if progress:
+                progress(f"{dataset}: reading {name}", done, total)
+            scene_dir = Path(params.paths.raw) / name
+            with _SceneReader(scene_dir) as reader:
+                meta = reader.meta
+                s = get_sensor(meta["sensor"])
+                if sensor is None:
+                    sensor, bands = s, meta["bands"]
+                elif s.name != sensor.name or meta["bands"] != bands:
+                    raise SceneError(
+                        f"{scene_dir}: sensor/bands {s.name} {meta['bands']} differ from the dataset's "
+                        f"first scene ({sensor.name} {bands})"
+                    )
+                names, gains = s.select(meta["bands"])
+                R = s.ratio
+                role = cfg.role(name)
+                regions, T, F = plans[idx]
+                mask = _scene_mask(reader, meta.get("nodata"), R)
+                for reg in regions:
+                    if reg.split == "train":
+                        _cut_reduced(outs["train"], reader, reg, mask, gains, s.pan_gain, R, cfg.patch,
+                                     cfg.stride, cfg.max_nodata_fraction, cfg, idx, meta["ms_transform"])
+                        step(f"{name} train patches")
+                    elif reg.split == "valid":
+                        _cut_reduced(outs["valid"], reader, reg, mask, gains, s.pan_gain, R, cfg.patch,
+                                     cfg.patch, cfg.max_nodata_fraction, cfg, idx, meta["ms_transform"])
+                        step(f"{name} validation patches")
+                    else:
+                        _cut_reduced(outs["test_rr"], reader, reg, mask, gains, s.pan_gain, R, T, T,
+                                     cfg.test_max_nodata_fraction, cfg, idx, meta["ms_transform"])
+                        step(f"{name} reduced-resolution test tiles")
+                        _cut_full(outs["test_fr"], reader, reg, mask, R, F, cfg.test_max_nodata_fraction,
+                                  idx, meta["pan_transform"])
+                        step(f"{name} full-resolution test tiles")
+                if T:
+                    tiles["test_tile"].append(T)
+                    tiles["fr_tile"].append(F)
+                scenes_meta.append({
+                    "name": name, "role": role, "ms_shape": list(reader.ms_shape),
+                    "pan_shape": list(reader.pan_shape),
+                    "regions": [r.__dict__ for r in regions], "test_tile": T, "fr_tile": F,
+                    "nodata_fraction": float(mask.mean()), "crs": meta.get("crs"),
+                    "licence": meta.get("licence"), "attribution": meta.get("attribution"),
+                    "residual_shift_pan_px": meta.get("residual_shift_pan_px"),
+                })
+        assert sensor is not None and bands is not None
         for split in SPLITS:
-            b = buckets[split]
-            arrays = {k: np.stack(v).astype(dtype) for k, v in b.arrays.items() if v}
-            arrays["scene_index"] = np.asarray(b.scene_index, dtype=np.int16)
-            arrays["window"] = np.asarray(b.window, dtype=np.int32)
-            arrays["geotransform"] = np.asarray(b.geotransform, dtype=np.float64)
+            if len(outs[split]) == 0:
+                raise SceneError(
+                    f"dataset {dataset}: no {split} samples (scenes {cfg.scenes}; "
+                    f"{outs[split].dropped} dropped for nodata) - check roles and sizes"
+                )
+        # The same tile side everywhere in a file (different scenes may allow different sizes).
+        for key in ("test_tile", "fr_tile"):
+            if len(set(tiles[key])) > 1:
+                raise SceneError(f"dataset {dataset}: scenes allow different {key} sizes {tiles[key]}; "
+                                 f"set {key} to {min(tiles[key])}")
+        settings = {
+            **cfg.model_dump(mode="json"),
+            "mtf_taps": MTF_TAPS, "kaiser_beta": 0.5, "decimation_offset": "ratio/2",
+            "interpolator": "23-tap polynomial (circular borders), per sample",
+            "test_tile_used": tiles["test_tile"][0] if tiles["test_tile"] else None,
+            "fr_tile_used": tiles["fr_tile"][0] if tiles["fr_tile"] else None,
+        }
+        common = {
+            "sensor": sensor.name, "ratio": sensor.ratio, "scale": sensor.scale, "bands": list(bands),
+            "rgb": list(sensor.rgb_indices(tuple(bands)) or []), "scenes": list(cfg.scenes),
+            "crs": {m["name"]: m["crs"] for m in scenes_meta}, "code_version": code_version(),
+            "dataset": dataset, "settings": settings, "value_unit": "DN (divide by scale)",
+        }
+        for split in SPLITS:
+            o = outs[split]
+            meta_arrays = o.arrays()
             attrs = {**common, "split": split.split("_")[0],
                      "resolution": "full" if split == "test_fr" else "reduced"}
             if split.startswith("test"):
-                attrs["geotransform"] = arrays["geotransform"].tolist() if len(b) <= 1000 else "see dataset"
-            path = write_h5(tmp / f"{split}.h5", arrays, attrs)
-            files[f"{split}.h5"] = {
-                "n": len(b), "dropped_nodata": b.dropped,
-                "shapes": {k: list(v.shape) for k, v in arrays.items() if k in ("gt", "lms", "ms", "pan")},
+                attrs["geotransform"] = meta_arrays["geotransform"].tolist() if len(o) <= 1000 else "see dataset"
+            o.writer.finish(meta_arrays, attrs)
+        files.close()  # every file complete and renamed into the temporary directory
+        files_meta: dict[str, Any] = {}
+        for split in SPLITS:
+            o, path = outs[split], tmp / f"{split}.h5"
+            files_meta[f"{split}.h5"] = {
+                "n": len(o), "dropped_nodata": o.dropped,
+                "shapes": {k: [len(o), *v] for k, v in o.writer.shapes.items()},
                 "bytes": path.stat().st_size, "sha256": sha256_file(path),
             }
         manifest = {
             "dataset": dataset, "sensor": sensor.name, "ratio": sensor.ratio, "scale": sensor.scale,
-            "bands": list(bands), "dtype": cfg.dtype, "files": files, "scenes": scenes_meta,
+            "bands": list(bands), "dtype": cfg.dtype, "files": files_meta, "scenes": scenes_meta,
             "settings": settings, "code_version": common["code_version"],
             "split": "spatial: per-scene regions (role 'all') or whole scenes; see scenes[].regions",
         }

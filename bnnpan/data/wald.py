@@ -48,6 +48,7 @@ from scipy import ndimage, signal
 
 __all__ = [
     "INTERP23_BASE",
+    "apply_taps",
     "bicubic_shrink",
     "decimate",
     "degrade_ms",
@@ -57,6 +58,7 @@ __all__ = [
     "mtf_filter",
     "mtf_kernel",
     "nyquist_response",
+    "shrink_taps",
 ]
 
 ArrayLike = npt.ArrayLike
@@ -202,7 +204,8 @@ def mtf_kernel(gain: float, ratio: int, n: int = 41, kaiser_beta: float = 0.5) -
 
 
 def mtf_filter(
-    img: ArrayLike, gains: float | Sequence[float] | ArrayLike, ratio: int, n: int = 41
+    img: ArrayLike, gains: float | Sequence[float] | ArrayLike, ratio: int, n: int = 41, *,
+    padded: bool = False,
 ) -> FloatArray:
     """Filter each band with its MTF kernel (same size, replicate borders).
 
@@ -216,10 +219,17 @@ def mtf_filter(
     convolution (``scipy.signal.fftconvolve``, ``mode='valid'``) of the edge-padded band; the
     kernel is symmetric, so correlation and convolution coincide.
 
+    ``padded=True`` filters a window of a larger image: ``img`` already carries ``c`` extra
+    pixels on every side (the true neighbours inside the larger image, the clamped edge values
+    beyond its borders, i.e. rows/columns ``clip(i - c .. i + c)``), and only the ``(H - 2c) x
+    (W - 2c)`` interior is returned. Given the whole image edge-padded, it is exactly the
+    ``padded=False`` computation; on a window, it equals the whole image's result on that window
+    up to rounding (the FFT length differs, ~1e-16 relative).
+
     Parameters
     ----------
     img : array_like
-        ``(C, H, W)`` image, or ``(H, W)`` for a single band.
+        ``(C, H, W)`` image, or ``(H, W)`` for a single band (with ``padded``: including the margins).
     gains : float or sequence of float
         Nyquist gain per band (length C), or one gain used for every band.
     ratio : int
@@ -230,7 +240,7 @@ def mtf_filter(
     Returns
     -------
     numpy.ndarray
-        Filtered float64 image with the shape of ``img``.
+        Filtered float64 image with the shape of ``img`` (less the margins with ``padded``).
 
     Raises
     ------
@@ -239,6 +249,9 @@ def mtf_filter(
         ratio or kernel size.
     """
     bands, was_2d = _as_bands(img)
+    margin = 2 * ((operator.index(n) - 1) // 2) if padded else 0
+    if padded and min(bands.shape[1:]) <= margin:
+        raise ValueError(f"padded image {bands.shape[1:]} is not larger than the 2 x {margin // 2} margins")
     c = bands.shape[0]
     g = np.atleast_1d(np.asarray(gains, dtype=np.float64))
     if g.ndim != 1:
@@ -248,15 +261,15 @@ def mtf_filter(
     if g.size != c:
         raise ValueError(f"got {g.size} gains for an image with {c} bands")
     kernels: dict[float, FloatArray] = {}
-    out = np.empty_like(bands)
+    out = np.empty((c, bands.shape[1] - margin, bands.shape[2] - margin), dtype=np.float64)
     for b in range(c):
         gb = float(g[b])
         if gb not in kernels:
             kernels[gb] = mtf_kernel(gb, ratio, n)
         h = kernels[gb]
         pad = (h.shape[0] - 1) // 2
-        padded = np.pad(bands[b], pad, mode="edge")
-        out[b] = signal.fftconvolve(padded, h, mode="valid")
+        band = bands[b] if padded else np.pad(bands[b], pad, mode="edge")
+        out[b] = signal.fftconvolve(band, h, mode="valid")
     return out[0] if was_2d else out
 
 
@@ -307,24 +320,64 @@ def _keys_cubic(x: FloatArray) -> FloatArray:
     return inner + outer
 
 
-def _shrink_matrix(in_len: int, ratio: int) -> FloatArray:
-    """Dense ``(in_len // ratio, in_len)`` matrix of MATLAB antialiased bicubic shrinking."""
-    out_len = in_len // ratio
-    width = 4.0 * ratio
+def shrink_taps(in_len: int, ratio: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """The banded form of MATLAB's antialiased bicubic shrink along one axis of length ``in_len``.
+
+    Returns ``(lo, w)``: output sample ``i`` (0-based) is ``sum_k w[i, k] * x[lo[i] + k]``, with
+    ``lo`` of shape ``(in_len // ratio,)`` and ``w`` of shape ``(in_len // ratio, K)``, ``K <= 4 ratio + 2``.
+    This is row ``i`` of the ``(L/ratio) x L`` resampling matrix of :func:`bicubic_shrink` restricted to
+    its non-zero band: along each axis output index ``i`` (1-based) reads the input at coordinate
+    ``u = i * ratio + 0.5 * (1 - ratio)`` with the stretched kernel ``(1/ratio) cubic(x / ratio)`` at the
+    ``P = ceil(4 ratio) + 2`` indices ``floor(u - 2 ratio) + (0..P-1)``, weights normalised to sum 1;
+    out-of-range indices are mirrored symmetrically (0 -> 1, -1 -> 2, L+1 -> L in 1-based terms), and
+    weights landing on the same input index are added in tap order (exactly as the dense matrix was
+    assembled). Mirroring folds taps back next to the edge, so every row's taps lie in
+    ``[lo[i], lo[i] + K)``. Storing ``K`` weights per output instead of ``L`` makes the shrink
+    O(L * K) instead of the dense O(L^2) matrix (O(L^3) with the matrix product), with the same sums up
+    to rounding (the dense product adds the same terms, plus zeros, in another order). Rows whose taps
+    span less than ``K`` get zero weights at the end (or the start, near the last edge), so that every
+    index ``lo[i] + k`` lies inside ``[0, L)``.
+    """
+    r = _check_ratio(ratio)
+    out_len = in_len // r
+    width = 4.0 * r
     i = np.arange(1, out_len + 1, dtype=np.float64)  # 1-based output indices
-    u = i * ratio + 0.5 * (1.0 - ratio)  # 1-based input coordinate
+    u = i * r + 0.5 * (1.0 - r)  # 1-based input coordinate
     left = np.floor(u - width / 2.0)
     p = math.ceil(width) + 2
     idx = left[:, None] + np.arange(p)[None, :]  # 1-based input indices
-    wts = (1.0 / ratio) * _keys_cubic((u[:, None] - idx) / ratio)
+    wts = (1.0 / r) * _keys_cubic((u[:, None] - idx) / r)
     wts = wts / wts.sum(axis=1, keepdims=True)
     # symmetric mirroring of out-of-range indices: 0 -> 1, -1 -> 2, L+1 -> L, ... (1-based)
     aux = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
     idx0 = aux[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
-    mat = np.zeros((out_len, in_len), dtype=np.float64)
+    lo = idx0.min(axis=1).astype(np.int64)
+    k = int((idx0 - lo[:, None]).max()) + 1 if out_len else 1
+    lo = np.minimum(lo, in_len - k)  # keep every tap index (zero-weight ones included) inside [0, L)
+    band = np.zeros((out_len, k), dtype=np.float64)
     rows = np.broadcast_to(np.arange(out_len)[:, None], idx0.shape)
-    np.add.at(mat, (rows, idx0), wts)  # zero-weight taps (MATLAB drops them) add nothing
-    return mat
+    np.add.at(band, (rows, idx0 - lo[:, None]), wts)  # tap order, as the dense matrix was built
+    return lo, band
+
+
+def apply_taps(x: FloatArray, lo: npt.NDArray[np.int64], w: FloatArray, axis: int) -> FloatArray:
+    """``out[..., i, ...] = sum_k w[i, k] * x[..., lo[i] + k, ...]`` along ``axis`` (see :func:`shrink_taps`).
+
+    The sum runs over ``k`` in increasing order for every output sample, whatever the rest of the
+    array: the result for an output sample depends only on its own taps, so shrinking a window
+    (with ``lo`` shifted to the window's first input index) gives the same bits as shrinking the
+    whole image and cropping. Memory: one output-sized accumulator and one gathered slab.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    axis = axis % x.ndim
+    shape = list(x.shape)
+    shape[axis] = len(lo)
+    out = np.zeros(shape, dtype=np.float64)
+    bshape = [1] * x.ndim
+    bshape[axis] = len(lo)
+    for k in range(w.shape[1] if len(lo) else 0):
+        out += np.take(x, lo + k, axis=axis) * w[:, k].reshape(bshape)
+    return out
 
 
 def bicubic_shrink(img: ArrayLike, ratio: int) -> FloatArray:
@@ -342,8 +395,9 @@ def bicubic_shrink(img: ArrayLike, ratio: int) -> FloatArray:
     taken at the ``P = ceil(4 ratio) + 2`` input indices ``floor(u - 2 ratio) + (0..P-1)``,
     normalised to sum 1 per output sample; out-of-range indices are mirrored symmetrically
     (index 0 -> 1, -1 -> 2 in 1-based terms, i.e. numpy ``mode='symmetric'``). The per-axis
-    weights form a ``(L/ratio) x L`` matrix applied with matrix products:
-    ``out = A_rows @ img @ A_cols.T``. A constant image stays constant (borders included).
+    weights form a ``(L/ratio) x L`` matrix, ``out = A_rows @ img @ A_cols.T``, applied in its
+    banded form (:func:`shrink_taps`, :func:`apply_taps`: rows first, then columns), so the cost
+    is O(H W ratio) and the memory that of the image. A constant image stays constant (borders included).
 
     Parameters
     ----------
@@ -365,9 +419,8 @@ def bicubic_shrink(img: ArrayLike, ratio: int) -> FloatArray:
     r = _check_ratio(ratio)
     bands, was_2d = _as_bands(img)
     _check_divisible(bands.shape, r)
-    a_rows = _shrink_matrix(bands.shape[1], r)
-    a_cols = _shrink_matrix(bands.shape[2], r)
-    out = np.matmul(np.matmul(a_rows, bands), a_cols.T)
+    out = apply_taps(bands, *shrink_taps(bands.shape[1], r), axis=1)
+    out = apply_taps(out, *shrink_taps(bands.shape[2], r), axis=2)
     return out[0] if was_2d else out
 
 
