@@ -24,6 +24,14 @@ default: the no-reference indices are undefined on flat blocks) are dropped.
 ``lms`` is interpolated per sample from that sample's ``ms`` (PanCollection convention),
 so ``lms`` can always be recomputed from ``ms`` and carries nothing from outside the
 footprint.
+
+**Scale.** Every file's ``scale`` attribute is the scenes' (``scene.json``: params ``scale``/``bits``,
+a ``.mat``'s ``L``, else the sensor's); scenes of one dataset must agree. A reduced-resolution test
+tile too small for ``evaluate.border_cut`` plus one ``evaluate.block`` is refused here (one line)
+rather than by a traceback in ``evaluate``.
+
+A dataset with ``source: pancollection`` is not prepared from scenes but imported from the field's
+ready-made files (:mod:`bnnpan.data.pancollection`).
 """
 
 from __future__ import annotations
@@ -39,10 +47,11 @@ import numpy as np
 
 import bnnpan
 from bnnpan.atomic import atomic_dir
-from bnnpan.config import DatasetConfig, Params
+from bnnpan.config import DatasetConfig, PanCollectionDataset, Params
 from bnnpan.data import wald
 from bnnpan.data.hdf5io import write_h5
 from bnnpan.data.scene import SceneError, nodata_mask, read_raw_scene, sha256_file
+from bnnpan.eval.metrics_rr import smallest_tile
 from bnnpan.sensors import get_sensor
 
 SPLITS = ("train", "valid", "test_rr", "test_fr")
@@ -185,6 +194,24 @@ def _cut_full(bucket: _Bucket, reg: Region, pan: np.ndarray, ms: np.ndarray, mas
             bucket.geotransform.append(_gt_list(pan_t, R * r, R * c))
 
 
+def check_test_tiles(rr: int, fr: int, params: Params, what: str) -> None:
+    """Refuse test tiles the indices cannot score with the ``evaluate`` section's conventions (one line).
+
+    Reduced resolution: ``evaluate.border_cut`` then one ``evaluate.block`` must fit
+    (:func:`bnnpan.eval.metrics_rr.smallest_tile`, 73 for 21 and 32). Full resolution: sides multiples of
+    the block (the no-reference indices use a grid of whole blocks). 0 = no such tiles.
+    """
+    cut, block = params.evaluate.border_cut, params.evaluate.block
+    need = smallest_tile(cut, block)
+    if rr and rr < need:
+        raise SceneError(f"{what}: reduced-resolution test tiles of {rr} x {rr} are too small for the indices: "
+                         f"evaluate.border_cut={cut} and one {block} x {block} block (evaluate.block) need at "
+                         f"least {need} x {need}; use larger tiles or scenes, or lower evaluate.border_cut")
+    if fr and (fr % block or fr < block):
+        raise SceneError(f"{what}: full-resolution test tiles of {fr} x {fr} are not a whole number of "
+                         f"{block} x {block} blocks (evaluate.block)")
+
+
 def code_version() -> str:
     """Package version plus the git commit when run from a checkout (provenance only)."""
     try:
@@ -206,6 +233,10 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
     if dataset not in params.datasets:
         raise SceneError(f"unknown dataset {dataset!r}; params define {sorted(params.datasets)}")
     cfg = params.datasets[dataset]
+    if isinstance(cfg, PanCollectionDataset):
+        from bnnpan.data.pancollection import import_dataset
+
+        return import_dataset(params, dataset, out_dir, progress)
     out_dir = Path(out_dir or Path(params.paths.prepared) / dataset)
     buckets = {s: _Bucket() for s in SPLITS}
     scenes_meta: list[dict[str, Any]] = []
@@ -223,6 +254,7 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
         ratio = get_sensor(m["sensor"]).ratio
         plans.append(plan_regions(m["ms_shape"][1], m["ms_shape"][2], cfg.role(name), cfg, ratio,
                                   f"{name} ({scene_dir})", key=f"datasets.{dataset}"))
+        check_test_tiles(plans[-1][1], plans[-1][2], params, f"dataset {dataset}: scene {name} ({scene_dir})")
     total = sum(len(r) + sum(x.split == "test" for x in r) for r, _, _ in plans)
     done = 0
 
@@ -238,12 +270,13 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
         scene_dir = Path(params.paths.raw) / name
         pan, ms, meta = read_raw_scene(scene_dir)
         s = get_sensor(meta["sensor"])
+        s_scale = float(meta.get("scale") or s.scale)
         if sensor is None:
-            sensor, bands = s, meta["bands"]
-        elif s.name != sensor.name or meta["bands"] != bands:
+            sensor, bands, scale = s, meta["bands"], s_scale
+        elif s.name != sensor.name or meta["bands"] != bands or s_scale != scale:
             raise SceneError(
-                f"{scene_dir}: sensor/bands {s.name} {meta['bands']} differ from the dataset's "
-                f"first scene ({sensor.name} {bands})"
+                f"{scene_dir}: sensor/bands/scale {s.name} {meta['bands']} {s_scale:g} differ from the dataset's "
+                f"first scene ({sensor.name} {bands} {scale:g})"
             )
         names, gains = s.select(meta["bands"])
         R = s.ratio
@@ -297,7 +330,7 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
         "fr_tile_used": tiles["fr_tile"][0] if tiles["fr_tile"] else None,
     }
     common = {
-        "sensor": sensor.name, "ratio": sensor.ratio, "scale": sensor.scale, "bands": list(bands),
+        "sensor": sensor.name, "ratio": sensor.ratio, "scale": scale, "bands": list(bands),
         "rgb": list(sensor.rgb_indices(tuple(bands)) or []), "scenes": list(cfg.scenes),
         "crs": {m["name"]: m["crs"] for m in scenes_meta}, "code_version": code_version(),
         "dataset": dataset, "settings": settings, "value_unit": "DN (divide by scale)",
@@ -321,7 +354,7 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
                 "bytes": path.stat().st_size, "sha256": sha256_file(path),
             }
         manifest = {
-            "dataset": dataset, "sensor": sensor.name, "ratio": sensor.ratio, "scale": sensor.scale,
+            "dataset": dataset, "sensor": sensor.name, "ratio": sensor.ratio, "scale": scale,
             "bands": list(bands), "dtype": cfg.dtype, "files": files, "scenes": scenes_meta,
             "settings": settings, "code_version": common["code_version"],
             "split": "spatial: per-scene regions (role 'all') or whole scenes; see scenes[].regions",
