@@ -463,3 +463,21 @@ def test_url_and_relative_path_sources(tmp_path, wv3, monkeypatch):
     with pytest.raises(SceneError, match="sha256 mismatch"):
         prepare_dataset(p, "bad")
     assert not Path("data/prepared/bad").exists()
+
+
+def test_import_writes_what_a_local_prepare_writes(imported, prepared_landsat):
+    """Every attribute, dataset, chunking/checksum choice and manifest key of a locally prepared dataset is in
+    the imported one too (so no stage can tell them apart), plus the import's own provenance."""
+    _, tmp, _ = imported
+    local, imp = prepared_landsat, tmp / "prepared" / "wv3"
+    for split in ("train", "valid", "test_rr", "test_fr"):
+        with h5py.File(local / f"{split}.h5") as a, h5py.File(imp / f"{split}.h5") as b:
+            assert set(a.attrs) <= set(b.attrs) and b.attrs["provenance"] == "PanCollection import", split
+            assert set(a) <= set(b) and set(b) - set(a) == {"source_index"}, split
+            for k in a:
+                assert (b[k].dtype, b[k].fletcher32, b[k].ndim) == (a[k].dtype, a[k].fletcher32, a[k].ndim), k
+                assert b[k].chunks[0] == 1 if b[k].ndim == 4 else b[k].chunks == b[k].shape
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (local, imp))
+    assert set(ma) <= set(mb) and set(ma["files"]) == set(mb["files"])
+    for f in ma["files"]:
+        assert set(ma["files"][f]) <= set(mb["files"][f])
