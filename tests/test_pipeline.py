@@ -76,7 +76,8 @@ def test_snakemake_dry_run_agrees_with_dvc_yaml(tmp_path):
 # ----------------------------------------------------------------------------- dvc plots show
 
 
-PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/worldview2/params.yaml"]
+PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/worldview2/params.yaml",
+            "profiles/pancollection/params.yaml"]
 
 
 @pytest.mark.parametrize("params_file", PROFILES)
