@@ -257,6 +257,8 @@ def evaluate(
     p = load_params(params)
     datasets = _select(dataset, p.datasets, "dataset", params) if dataset else list(
         dict.fromkeys(d for d, _ in p.evaluated()))
+    if not datasets:
+        raise ConfigError(f"{params}: no dataset to evaluate (an imported dataset is evaluated when it has `test_rr`)")
     methods = method or [m for _, m in p.evaluated()]
     known = known_methods() + list(p.train.methods)
     unknown = [m for m in methods if m not in known]
@@ -264,7 +266,13 @@ def evaluate(
         raise ConfigError(f"unknown method(s) {unknown}; known methods: {', '.join(known)} "
                           "(networks must be listed in train.methods)")
     methods = list(dict.fromkeys(methods))
-    pairs = [(d, m) for d in datasets for m in methods]
+    # A network is scored where it was trained (e.g. not on an imported test-only dataset), unless both the
+    # dataset and the method were asked for.
+    trained = set(p.trained())
+    pairs = [(d, m) for d in datasets for m in methods
+             if m not in p.train.methods or (d, m) in trained or (dataset and method)]
+    if not pairs:
+        raise ConfigError(f"{params}: nothing to evaluate for method(s) {methods} on dataset(s) {datasets}")
     for d, m in pairs:
         metrics = _with_progress("evaluate", f"{d}/{m}", lambda cb, d=d, m=m: evaluate_method(p, d, m, progress=cb))
         stats = index_stats(metrics)

@@ -14,7 +14,16 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bnnpan.sensors import get_sensor
 
@@ -88,6 +97,10 @@ class SceneBase(Strict):
     )
     licence: str | None = None
     attribution: str | None = None
+    scale: float | None = Field(None, gt=0, description="DN normalisation constant (PSNR peak); default: a .mat's "
+                                "`L` (bit depth), else the sensor's (2^bits - 1). Exclusive with `bits`")
+    bits: int | None = Field(None, ge=1, le=16, description="bit depth of the DN: scale = 2^bits - 1 (e.g. 8 "
+                             "for an 8-bit product of an 11-bit sensor)")
 
     @field_validator("sensor")
     @classmethod
@@ -95,6 +108,27 @@ class SceneBase(Strict):
         if v is not None:
             get_sensor(v)
         return v
+
+    @model_validator(mode="after")
+    def _radiometry(self) -> SceneBase:
+        _one_radiometry(self)
+        return self
+
+    def declared_scale(self) -> float | None:
+        """The scale declared in params (``scale``, or ``2^bits - 1``); None when neither is given."""
+        return declared_scale(self.scale, self.bits)
+
+
+def declared_scale(scale: float | None, bits: int | None) -> float | None:
+    """``scale``, or ``2^bits - 1``, or None."""
+    if scale is not None:
+        return float(scale)
+    return float(2**bits - 1) if bits is not None else None
+
+
+def _one_radiometry(cfg: Any) -> None:
+    if cfg.scale is not None and cfg.bits is not None:
+        raise ValueError(f"give `scale` or `bits`, not both (scale={cfg.scale}, bits={cfg.bits})")
 
 
 class StestdataScene(SceneBase):
@@ -207,6 +241,77 @@ class DatasetConfig(Strict):
 
     def role(self, scene: str) -> str:
         return self.roles.get(scene, "all")
+
+
+class PanCollectionDataset(Strict):
+    """A dataset imported from files the field already distributes (PanCollection), not prepared from scenes.
+
+    Each of ``train``, ``valid``, ``test_rr`` (reduced resolution, with ``gt``) and ``test_fr`` (full
+    resolution) is a PanCollection HDF5 (``gt``, ``lms``, ``ms``, ``pan``; N x C x H x W, no attributes)
+    or a MATLAB ``.mat`` (v5 or v7.3; N x H x W x C). ``bnnpan prepare`` validates and copies them into
+    ``data/prepared/<name>/`` (bnnpan.data.pancollection). A dataset needs ``train`` or ``test_rr`` /
+    ``test_fr``; without ``valid`` the last ``valid_fraction`` of ``train``'s samples become ``valid.h5``.
+    """
+
+    source: Literal["pancollection"]
+    sensor: str | None = Field(None, description="sensor name; may be left out when every file is a .mat with "
+                               "a `sensor` variable")
+    bands: list[str] | None = Field(None, description="MS band names in file order; default: all sensor bands")
+    train: RemoteLocation | None = None
+    valid: RemoteLocation | None = None
+    test_rr: RemoteLocation | None = None
+    test_fr: RemoteLocation | None = None
+    scale: float | None = Field(None, gt=0, description="DN scale; default: a .mat's `L`, else the sensor's")
+    bits: int | None = Field(None, ge=1, le=16, description="bit depth: scale = 2^bits - 1")
+    valid_fraction: float = Field(0.1, gt=0, lt=1, description="without `valid`: the fraction of train's samples "
+                                  "(the last ones) that become valid.h5")
+    pan_degradation: Literal["bicubic", "mtf"] = Field(
+        "bicubic", description="how the files' PAN was degraded (D_s builds its low-pass PAN the same way); "
+        "PanCollection: bicubic")
+    dtype: Literal["float32", "float64"] = "float32"
+    licence: str | None = None
+    attribution: str | None = None
+
+    @field_validator("sensor")
+    @classmethod
+    def _sensor_known(cls, v: str | None) -> str | None:
+        if v is not None:
+            get_sensor(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> PanCollectionDataset:
+        _one_radiometry(self)
+        if self.train is None and self.test_rr is None and self.test_fr is None:
+            raise ValueError("a pancollection dataset needs `train` or `test_rr` / `test_fr`")
+        if self.valid is not None and self.train is None:
+            raise ValueError("`valid` without `train`: a validation file is only used to train")
+        return self
+
+    def declared_scale(self) -> float | None:
+        return declared_scale(self.scale, self.bits)
+
+    def files(self) -> dict[str, RemoteLocation]:
+        """The given files by split name (train, valid, test_rr, test_fr)."""
+        return {k: v for k in IMPORT_SPLITS if (v := getattr(self, k)) is not None}
+
+
+IMPORT_SPLITS = ("train", "valid", "test_rr", "test_fr")
+
+
+def _dataset_kind(v: Any) -> str:
+    if isinstance(v, dict):
+        return "pancollection-dataset" if "source" in v else "scene-dataset"
+    return "pancollection-dataset" if isinstance(v, PanCollectionDataset) else "scene-dataset"
+
+
+# A dataset is prepared from scenes (no `source:`) or imported (`source: pancollection`; any other
+# source value is an error of that model, which names the allowed value).
+DatasetSpec = Annotated[
+    Annotated[DatasetConfig, Tag("scene-dataset")] | Annotated[PanCollectionDataset, Tag("pancollection-dataset")],
+    Discriminator(_dataset_kind),
+]
+_UNION_TAGS = frozenset({"scene-dataset", "pancollection-dataset"})  # dropped from error locations
 
 
 class Paths(Strict):
@@ -353,8 +458,8 @@ class Params(Strict):
     device: str = Field("cpu", description="cpu | cuda (the current GPU) | cuda:N; checked again at run time")
     paths: Paths = Paths()
     tracking: TrackingConfig = TrackingConfig()
-    scenes: dict[str, SceneConfig]
-    datasets: dict[str, DatasetConfig]
+    scenes: dict[str, SceneConfig] = Field(default_factory=dict)
+    datasets: dict[str, DatasetSpec]
     model: ModelConfig = ModelConfig()
     train: TrainSection = TrainSection()
     prior: PriorConfig = PriorConfig()
@@ -375,16 +480,22 @@ class Params(Strict):
                 if not NAME_RE.match(n):
                     raise ValueError(f"{kind} name {n!r} must match {NAME_RE.pattern}")
         for d, ds in self.datasets.items():
+            if isinstance(ds, PanCollectionDataset):
+                continue
             missing = [s for s in ds.scenes if s not in self.scenes]
             if missing:
                 raise ValueError(f"dataset {d!r} names unknown scene(s) {missing}")
             sensors = {self.scenes[s].sensor for s in ds.scenes} - {None}
             if len(sensors) > 1:
                 raise ValueError(f"dataset {d!r} mixes sensors {sorted(sensors)}")
-        for key, names in (("evaluate.datasets", self.evaluate.datasets), ("train.datasets", self.train.datasets)):
+        for key, names, split in (("evaluate.datasets", self.evaluate.datasets, "test_rr"),
+                                  ("train.datasets", self.train.datasets, "train")):
             for d in names or []:
                 if d not in self.datasets:
                     raise ValueError(f"{key} names unknown dataset {d!r}")
+                if not self.has_split(d, split):
+                    raise ValueError(f"{key} names dataset {d!r}, which has no {split} file "
+                                     f"(datasets.{d}.{split} is not given)")
         both = set(self.train.methods) & set(self.evaluate.methods)
         if both:
             raise ValueError(f"{sorted(both)} listed in both train.methods and evaluate.methods "
@@ -393,9 +504,27 @@ class Params(Strict):
             raise ValueError(f"evaluate.methods has duplicates: {self.evaluate.methods}")
         return self
 
+    def has_split(self, dataset: str, split: str) -> bool:
+        """Whether ``dataset`` has a ``split`` file (train, valid, test_rr, test_fr) once prepared.
+
+        A dataset prepared from scenes has all four; an imported one has the files it names (``valid``
+        also when it is split off ``train``).
+        """
+        ds = self.datasets[dataset]
+        if not isinstance(ds, PanCollectionDataset):
+            return True
+        return getattr(ds, "train" if split == "valid" else split) is not None
+
+    def need_split(self, dataset: str, split: str, what: str) -> None:
+        """A one-line :class:`ConfigError` when an imported ``dataset`` has no ``split`` file for ``what``."""
+        if dataset in self.datasets and not self.has_split(dataset, split):
+            raise ConfigError(f"dataset {dataset} has no {split} file (datasets.{dataset}.{split} is not given): "
+                              f"cannot {what}")
+
     def trained(self) -> list[tuple[str, str]]:
-        """The (dataset, network) pairs the train stage fits."""
-        ds = self.train.datasets if self.train.datasets is not None else list(self.datasets)
+        """The (dataset, network) pairs the train stage fits (by default every dataset with training data)."""
+        ds = self.train.datasets if self.train.datasets is not None else [
+            d for d in self.datasets if self.has_split(d, "train")]
         return [(d, m) for d in ds for m in self.train.methods]
 
     def network_of(self, method: str) -> str:
@@ -420,16 +549,23 @@ class Params(Strict):
         return [m for m in self.train.methods if uses_prior(self.network_of(m), self.network_extra(m))]
 
     def evaluated(self) -> list[tuple[str, str]]:
-        """The (dataset, method) pairs the evaluate stage scores: classical methods, then networks."""
-        ds = self.evaluate.datasets if self.evaluate.datasets is not None else list(self.datasets)
+        """The (dataset, method) pairs the evaluate stage scores: classical methods, then networks.
+
+        By default every dataset with a reduced-resolution test file (an imported dataset without
+        ``test_rr`` is not evaluated: the report's tables and figures start from it); a network is
+        evaluated on every dataset it was trained on that has one.
+        """
+        ds = self.evaluate.datasets if self.evaluate.datasets is not None else [
+            d for d in self.datasets if self.has_split(d, "test_rr")]
         pairs = [(d, m) for d in ds for m in self.evaluate.methods]
-        return pairs + [p for p in self.trained() if p not in pairs]
+        return pairs + [p for p in self.trained() if p not in pairs and self.has_split(p[0], "test_rr")]
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.endswith("Scene")))
+        loc = ".".join(str(p) for p in e["loc"]
+                       if not (isinstance(p, str) and (p.endswith("Scene") or p in _UNION_TAGS)))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not allowed)"

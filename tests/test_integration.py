@@ -39,10 +39,9 @@ def tiny(params: dict) -> dict:
     return params
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The working tree (tracked + untracked, not ignored) copied into a fresh git repo."""
-    dst = tmp_path_factory.mktemp("proj")
+def copy_worktree(dst: Path) -> dict[str, str]:
+    """Copy the working tree (tracked + untracked, not ignored) into ``dst``; the environment to run it in
+    (this venv's scripts first, MLflow in ``dst/mlflow.db``, no parent run inherited)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
     for f in filter(None, files):
@@ -52,6 +51,14 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{dst / 'mlflow.db'}"}
     env.pop("BNNPAN_PARENT_RUN_ID", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The working tree (tracked + untracked, not ignored) copied into a fresh git repo."""
+    dst = tmp_path_factory.mktemp("proj")
+    env = copy_worktree(dst)
     params = tiny(yaml.safe_load((dst / "params.yaml").read_text()))
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _sh([sys.executable, "-m", "bnnpan.cli", "dag", "write"], dst, env)

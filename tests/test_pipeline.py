@@ -122,7 +122,8 @@ for o, is_dir in json.loads(Path(__file__).with_name("outs.json").read_text())["
 # ----------------------------------------------------------------------------- dvc plots show
 
 
-PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/worldview2/params.yaml"]
+PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/worldview2/params.yaml",
+            "profiles/pancollection/params.yaml"]
 
 
 @pytest.mark.parametrize("params_file", PROFILES)

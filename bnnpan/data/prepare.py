@@ -34,6 +34,14 @@ one-shot ones; and every sample is appended to its file as it is made
 (:class:`bnnpan.data.hdf5io.SampleWriter`). What stays in memory is one window, one block of
 samples per file, the scene's nodata mask (one bool per MS pixel) and 66 bytes of provenance per
 sample. Cost: the rows shared by two windows (filter margins) are filtered twice.
+
+**Scale.** Every file's ``scale`` attribute is the scenes' (``scene.json``: params ``scale``/``bits``,
+a ``.mat``'s ``L``, else the sensor's); scenes of one dataset must agree. A reduced-resolution test
+tile too small for ``evaluate.border_cut`` plus one ``evaluate.block`` is refused here (one line)
+rather than by a traceback in ``evaluate``.
+
+A dataset with ``source: pancollection`` is not prepared from scenes but imported from the field's
+ready-made files (:mod:`bnnpan.data.pancollection`).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import array
 import contextlib
 import json
 import subprocess
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +60,11 @@ import numpy as np
 
 import bnnpan
 from bnnpan.atomic import atomic_dir
-from bnnpan.config import DatasetConfig, Params
+from bnnpan.config import DatasetConfig, PanCollectionDataset, Params
 from bnnpan.data import wald
 from bnnpan.data.hdf5io import SampleWriter
 from bnnpan.data.scene import SceneError, nodata_mask, sha256_file
+from bnnpan.eval.metrics_rr import smallest_tile
 from bnnpan.sensors import get_sensor
 
 SPLITS = ("train", "valid", "test_rr", "test_fr")
@@ -144,6 +154,7 @@ class _SceneReader:
 
     def __init__(self, scene_dir: Path) -> None:
         import rasterio
+        from rasterio.errors import NotGeoreferencedWarning
 
         self.dir = scene_dir
         meta_path = scene_dir / "scene.json"
@@ -153,6 +164,9 @@ class _SceneReader:
         self._stack = contextlib.ExitStack()
         try:
             self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
+            # .mat / PanCollection scenes are in pixel coordinates: said once when fetched, not per open
+            self._stack.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
             self._pan = self._stack.enter_context(rasterio.open(scene_dir / "pan.tif"))
             self._ms = self._stack.enter_context(rasterio.open(scene_dir / "ms.tif"))
         except rasterio.errors.RasterioError as e:
@@ -425,6 +439,24 @@ def _cut_full(out: _Split, reader: _SceneReader, reg: Region, mask: np.ndarray, 
                     _gt_list(pan_t, R * r, R * c))
 
 
+def check_test_tiles(rr: int, fr: int, params: Params, what: str) -> None:
+    """Refuse test tiles the indices cannot score with the ``evaluate`` section's conventions (one line).
+
+    Reduced resolution: ``evaluate.border_cut`` then one ``evaluate.block`` must fit
+    (:func:`bnnpan.eval.metrics_rr.smallest_tile`, 73 for 21 and 32). Full resolution: sides multiples of
+    the block (the no-reference indices use a grid of whole blocks). 0 = no such tiles.
+    """
+    cut, block = params.evaluate.border_cut, params.evaluate.block
+    need = smallest_tile(cut, block)
+    if rr and rr < need:
+        raise SceneError(f"{what}: reduced-resolution test tiles of {rr} x {rr} are too small for the indices: "
+                         f"evaluate.border_cut={cut} and one {block} x {block} block (evaluate.block) need at "
+                         f"least {need} x {need}; use larger tiles or scenes, or lower evaluate.border_cut")
+    if fr and (fr % block or fr < block):
+        raise SceneError(f"{what}: full-resolution test tiles of {fr} x {fr} are not a whole number of "
+                         f"{block} x {block} blocks (evaluate.block)")
+
+
 def code_version() -> str:
     """Package version plus the git commit when run from a checkout (provenance only)."""
     try:
@@ -451,6 +483,10 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
     if dataset not in params.datasets:
         raise SceneError(f"unknown dataset {dataset!r}; params define {sorted(params.datasets)}")
     cfg = params.datasets[dataset]
+    if isinstance(cfg, PanCollectionDataset):
+        from bnnpan.data.pancollection import import_dataset
+
+        return import_dataset(params, dataset, out_dir, progress)
     out_dir = Path(out_dir or Path(params.paths.prepared) / dataset)
     scenes_meta: list[dict[str, Any]] = []
     sensor = None
@@ -467,6 +503,7 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
         ratio = get_sensor(m["sensor"]).ratio
         plans.append(plan_regions(m["ms_shape"][1], m["ms_shape"][2], cfg.role(name), cfg, ratio,
                                   f"{name} ({scene_dir})", key=f"datasets.{dataset}"))
+        check_test_tiles(plans[-1][1], plans[-1][2], params, f"dataset {dataset}: scene {name} ({scene_dir})")
     total = sum(len(r) + sum(x.split == "test" for x in r) for r, _, _ in plans)
     done = 0
 
@@ -488,12 +525,13 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
             with _SceneReader(scene_dir) as reader:
                 meta = reader.meta
                 s = get_sensor(meta["sensor"])
+                s_scale = float(meta.get("scale") or s.scale)
                 if sensor is None:
-                    sensor, bands = s, meta["bands"]
-                elif s.name != sensor.name or meta["bands"] != bands:
+                    sensor, bands, scale = s, meta["bands"], s_scale
+                elif s.name != sensor.name or meta["bands"] != bands or s_scale != scale:
                     raise SceneError(
-                        f"{scene_dir}: sensor/bands {s.name} {meta['bands']} differ from the dataset's "
-                        f"first scene ({sensor.name} {bands})"
+                        f"{scene_dir}: sensor/bands/scale {s.name} {meta['bands']} {s_scale:g} differ from the "
+                        f"dataset's first scene ({sensor.name} {bands} {scale:g})"
                     )
                 names, gains = s.select(meta["bands"])
                 R = s.ratio
@@ -547,7 +585,7 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
             "fr_tile_used": tiles["fr_tile"][0] if tiles["fr_tile"] else None,
         }
         common = {
-            "sensor": sensor.name, "ratio": sensor.ratio, "scale": sensor.scale, "bands": list(bands),
+            "sensor": sensor.name, "ratio": sensor.ratio, "scale": scale, "bands": list(bands),
             "rgb": list(sensor.rgb_indices(tuple(bands)) or []), "scenes": list(cfg.scenes),
             "crs": {m["name"]: m["crs"] for m in scenes_meta}, "code_version": code_version(),
             "dataset": dataset, "settings": settings, "value_unit": "DN (divide by scale)",
@@ -570,7 +608,7 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
                 "bytes": path.stat().st_size, "sha256": sha256_file(path),
             }
         manifest = {
-            "dataset": dataset, "sensor": sensor.name, "ratio": sensor.ratio, "scale": sensor.scale,
+            "dataset": dataset, "sensor": sensor.name, "ratio": sensor.ratio, "scale": scale,
             "bands": list(bands), "dtype": cfg.dtype, "files": files_meta, "scenes": scenes_meta,
             "settings": settings, "code_version": common["code_version"],
             "split": "spatial: per-scene regions (role 'all') or whole scenes; see scenes[].regions",

@@ -14,15 +14,25 @@ snapped to the nearest whole PAN pixel and recorded in ``scene.json``
 
 On disk (``data/raw/<scene>/``): ``pan.tif`` (1 band), ``ms.tif`` (C bands), both
 GeoTIFF with the geotransform and CRS, and ``scene.json`` (sensor, bands, CRS, bounds,
-sha256 of the sources, licence/attribution). The directory is written to a temporary
+sha256 of the sources, licence/attribution, ``scale``). The directory is written to a temporary
 sibling and renamed into place, so a failed fetch never leaves a half-written scene.
+
+**Radiometry.** A scene's ``scale`` (the DN that means "full scale": the divisor of every
+normalised input and the PSNR peak) is the one declared in params (``scale`` or ``bits``), else the
+bit depth a ``.mat`` carries (``L``), else the sensor's (``2^bits - 1``); :func:`resolve_scale`. An
+8-bit product of an 11-bit sensor is common (GeoEye-1, QuickBird browse products): with the sensor's
+2047 its PSNR would be ~18 dB too high and its inputs 8x too dark. :func:`check_radiometry` makes a
+DN above the scale an error and warns once when the maximum is below scale / 8, naming the bit depth
+the data look like.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +41,72 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning
 
 from bnnpan.atomic import atomic_dir  # noqa: F401 - re-exported for callers
 from bnnpan.sensors import Sensor, get_sensor
 
+log = logging.getLogger(__name__)
+
 
 class SceneError(ValueError):
     """Bad input scene; the message names the file and the problem in one line."""
+
+
+def likely_bits(max_dn: float) -> int:
+    """The smallest bit depth that holds ``max_dn`` (241 -> 8, 1800 -> 11)."""
+    return max(1, math.ceil(math.log2(float(max_dn) + 1)))
+
+
+def resolve_scale(declared: float | None, file_bits: int | None, sensor: Sensor, what: str,
+                  key: str = "the scene") -> tuple[float, str]:
+    """``(scale, where it came from)``: the params' ``scale``/``bits``, else a file's bit depth, else the sensor's.
+
+    A params value that contradicts the file's bit depth is a :class:`SceneError` (one line, ``what``
+    names the file): one of the two is wrong and a silent choice would mis-scale every index.
+    """
+    file_scale = float(2**file_bits - 1) if file_bits is not None else None
+    if declared is not None and file_scale is not None and declared != file_scale:
+        raise SceneError(f"{what}: params give {key} scale {declared:g} but the file says {file_bits}-bit data "
+                         f"(`L` = {file_bits}, scale {file_scale:g}); remove `scale`/`bits` to use the file's, "
+                         "or fix it")
+    if declared is not None:
+        return declared, "params"
+    if file_scale is not None:
+        return file_scale, f"file (L = {file_bits} bits)"
+    return sensor.scale, f"sensor {sensor.name} ({sensor.storage_bits} bits)"
+
+
+def check_radiometry(max_dn: float, scale: float, source: str, what: str, key: str = "on the scene") -> None:
+    """A DN above ``scale`` is a :class:`SceneError`; a maximum below ``scale / 8`` is one warning.
+
+    ``source`` says where the scale came from (:func:`resolve_scale`), ``what`` names the file and
+    ``key`` where to declare another scale (``on the scene``, ``on dataset wv3``).
+    """
+    if not math.isfinite(max_dn):
+        raise SceneError(f"{what}: the data contain NaN or inf")
+    if max_dn > scale:
+        bits = likely_bits(max_dn)
+        raise SceneError(f"{what}: DN up to {max_dn:g} exceed the scale {scale:g} (from {source}); the data look "
+                         f"{bits}-bit: declare `bits: {bits}` (or the right `scale:`) {key}")
+    if 0 < max_dn < scale / 8:
+        bits = likely_bits(max_dn)
+        log.warning("%s: the largest DN is %g, below 1/8 of the scale %g (from %s): the data look %d-bit; if so "
+                    "declare `bits: %d` (scale %d) %s, or the PSNR peak and every normalised input are wrong",
+                    what, max_dn, scale, source, bits, bits, 2**bits - 1, key)
+
+
+def valid_max(a: np.ndarray, nodata: float | None) -> float:
+    """Largest value of ``a`` that is not ``nodata`` (NaN ignored); 0 when there is none."""
+    a = np.asarray(a)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        a = a[a != nodata]
+    if a.size == 0:
+        return 0.0
+    if np.issubdtype(a.dtype, np.floating):
+        finite = a[np.isfinite(a)]
+        return float(finite.max()) if finite.size else 0.0
+    return float(a.max())
 
 
 @dataclass
@@ -56,6 +125,7 @@ class RawScene:
     licence: str | None = None
     attribution: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    scale: float | None = None  # DN scale (resolve_scale); None: the sensor's
 
     @property
     def ratio(self) -> int:
@@ -173,7 +243,7 @@ def coregister(scene: RawScene, what: str = "scene") -> RawScene:
         pan=np.ascontiguousarray(pan), ms=np.ascontiguousarray(ms), pan_transform=pan_t,
         ms_transform=ms_t, crs=pan_crs, sensor=scene.sensor,
         bands=scene.bands, nodata=scene.nodata, sources=scene.sources, licence=scene.licence,
-        attribution=scene.attribution, extra=extra,
+        attribution=scene.attribution, extra=extra, scale=scene.scale,
     )
 
 
@@ -189,10 +259,13 @@ def _write_tif(path: Path, arr: np.ndarray, transform: Affine, crs: CRS | None, 
         profile.update(tiled=False)
         profile.pop("blockxsize")
         profile.pop("blockysize")
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(arr)
-        for i, d in enumerate(descriptions, start=1):
-            dst.set_band_description(i, d)
+    with warnings.catch_warnings():
+        if crs is None:  # pixel coordinates (.mat): said once by the caller, not once per file
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(arr)
+            for i, d in enumerate(descriptions, start=1):
+                dst.set_band_description(i, d)
 
 
 def _storage_dtype(a: np.ndarray) -> np.ndarray:
@@ -215,7 +288,7 @@ def scene_metadata(scene: RawScene, name: str) -> dict[str, Any]:
         "ratio": scene.ratio,
         "bands": list(scene.bands),
         "rgb": scene.sensor.rgb_indices(scene.bands),
-        "scale": scene.sensor.scale,
+        "scale": scene.scale if scene.scale is not None else scene.sensor.scale,
         "crs": scene.crs.to_string() if scene.crs is not None else None,
         "bounds": {"left": b[0], "bottom": b[1], "right": b[2], "top": b[3]},
         "pan_shape": list(scene.pan.shape),
@@ -234,6 +307,8 @@ def write_raw_scene(scene: RawScene, out_dir: str | Path, name: str | None = Non
     """Write ``pan.tif``, ``ms.tif`` and ``scene.json`` atomically (temp dir, then rename)."""
     out_dir = Path(out_dir)
     name = name or out_dir.name
+    if scene.crs is None:
+        log.info("scene %s: the source has no georeferencing: pan.tif and ms.tif are in pixel coordinates", name)
     with atomic_dir(out_dir) as tmp:
         _write_tif(tmp / "pan.tif", _storage_dtype(scene.pan), scene.pan_transform, scene.crs, scene.nodata, ("pan",))
         _write_tif(tmp / "ms.tif", _storage_dtype(scene.ms), scene.ms_transform, scene.crs, scene.nodata, scene.bands)
@@ -250,10 +325,12 @@ def read_raw_scene(scene_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict[
         raise SceneError(f"{scene_dir}: no scene.json (run `bnnpan fetch` first)")
     meta = json.loads(meta_path.read_text())
     try:
-        with rasterio.open(scene_dir / "pan.tif") as ds:
-            pan = ds.read(1).astype(np.float64)
-        with rasterio.open(scene_dir / "ms.tif") as ds:
-            ms = ds.read().astype(np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # .mat scenes: pixel coordinates
+            with rasterio.open(scene_dir / "pan.tif") as ds:
+                pan = ds.read(1).astype(np.float64)
+            with rasterio.open(scene_dir / "ms.tif") as ds:
+                ms = ds.read().astype(np.float64)
     except rasterio.errors.RasterioError as e:
         raise SceneError(f"{scene_dir}: cannot read raster: {e}") from None
     sensor = get_sensor(meta["sensor"])

@@ -17,7 +17,11 @@ Kinds (``shared/design/data-sources.md``):
 * ``landsat_tar`` - a Landsat Level-1 tarball (:mod:`bnnpan.data.landsat`).
 * ``mat`` - a MATLAB ``.mat`` (v5 via scipy, v7.3/HDF5 via h5py) with ``I_PAN`` (H x W) and
   the native MS (``I_MS_LR`` if present, else ``I_MS``; h x w x B). Not georeferenced: PAN
-  pixel units, ``crs`` None.
+  pixel units, ``crs`` None. Its ``sensor`` and ``L`` (bit depth) variables are read when present.
+
+Every scene gets a DN ``scale`` (params ``scale``/``bits``, else a ``.mat``'s ``L``, else the
+sensor's) and is checked against it (:func:`bnnpan.data.scene.check_radiometry`): a DN above the
+scale is an error, a maximum below scale / 8 a warning naming the likely bit depth.
 * ``stac`` - a STAC item (:func:`bnnpan.data.stac.load_stac_scene`).
 
 A pixel is *nodata* when PAN equals the nodata value or every MS band does; the fraction
@@ -48,9 +52,12 @@ from bnnpan.data.scene import (
     RawScene,
     SceneError,
     check_bands,
+    check_radiometry,
     coregister,
     nodata_mask,
+    resolve_scale,
     sha256_file,
+    valid_max,
     write_raw_scene,
 )
 from bnnpan.sensors import Sensor, get_sensor, sensor_from_alias
@@ -313,6 +320,17 @@ def mat_string(v: Any) -> str | None:
     return None
 
 
+def mat_bits(v: Any, path: Path) -> int | None:
+    """A ``.mat``'s ``L`` (bit depth, as the toolboxes store it): a whole number in 1..16, else a SceneError."""
+    a = np.asarray(v)
+    if a.size != 1 or not np.issubdtype(a.dtype, np.number):
+        raise SceneError(f"{path}: its `L` variable (bit depth) must be one number, got shape {a.shape} {a.dtype}")
+    bits = float(a.ravel()[0])
+    if not (bits.is_integer() and 1 <= bits <= 16):
+        raise SceneError(f"{path}: its `L` variable (bit depth) must be a whole number in 1..16, got {bits:g}")
+    return int(bits)
+
+
 def _mat_sensor(cfg: MatScene, d: dict[str, Any], path: Path) -> Sensor:
     """``sensor:`` from params, else the file's own ``sensor`` variable (as the toolboxes write it)."""
     text = mat_string(d["sensor"]) if "sensor" in d else None
@@ -370,12 +388,14 @@ def load_mat(cfg: MatScene, ctx: FetchContext) -> RawScene:
             f"{path}: {cfg.pan_key} {pan.shape} is not ratio {r} x {ms_key} {ms.shape[:2]}"
         )
     ms = np.ascontiguousarray(np.transpose(ms, (2, 0, 1)))
+    extra: dict[str, Any] = {"georeferenced": False, "mat_format": "v7.3" if h5py.is_hdf5(path) else "v5"}
+    if "L" in d:
+        extra["file_bits"] = mat_bits(d["L"], path)
     return RawScene(
         pan=np.ascontiguousarray(pan), ms=ms, pan_transform=Affine(1, 0, 0, 0, -1, 0),
         ms_transform=Affine(r, 0, 0, 0, -r, 0), crs=None, sensor=sensor, bands=declared,
         nodata=cfg.nodata, sources=[rec | {"pan_key": cfg.pan_key, "ms_key": ms_key}],
-        licence=cfg.licence, attribution=cfg.attribution,
-        extra={"georeferenced": False, "mat_format": "v7.3" if h5py.is_hdf5(path) else "v5"},
+        licence=cfg.licence, attribution=cfg.attribution, extra=extra,
     )
 
 
@@ -436,6 +456,11 @@ def load_scene(name: str, cfg: Any, ctx: FetchContext) -> RawScene:
         raw = loader(cfg, ctx)
         names = check_bands(raw.ms.shape[0], raw.sensor, list(raw.bands) or None, what)
         raw.bands = tuple(names)
+        file_bits = raw.extra.pop("file_bits", None)
+        raw.scale, scale_source = resolve_scale(cfg.declared_scale(), file_bits, raw.sensor, what)
+        raw.extra["scale_source"] = scale_source
+        check_radiometry(max(valid_max(raw.pan, raw.nodata), valid_max(raw.ms, raw.nodata)), raw.scale,
+                         scale_source, what)
         raw.extra["max_shift_px"] = cfg.max_shift_px
         scene = coregister(raw, what=what)
         mask = nodata_mask(scene.pan, scene.ms, scene.ratio, scene.nodata)

@@ -24,15 +24,24 @@ Writes into ``reports/<dataset>/<method>/``:
 * ``tiles.csv`` (one row per tile: its indices, no timing), and ``fused/`` with every fused tile as
   a float32 GeoTIFF carrying the geotransform and CRS of its source tile.
 
-Each file is written to a temporary path and renamed.
+Each file is written to a temporary path and renamed. Before anything is written the test files
+are checked (one line naming the file): a dataset without a reduced-resolution test file (an imported
+dataset without ``test_rr``) or with tiles too small for ``border_cut`` plus one ``block`` is refused, so
+no empty report folder is left behind. An imported dataset without ``test_fr`` is scored at reduced
+resolution only (its full-resolution indices are null, ``n_tiles.fr`` 0). Test tiles without
+georeferencing (``.mat`` scenes, PanCollection imports) give fused GeoTIFFs in pixel coordinates, said
+once rather than by one rasterio warning per tile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,12 +51,13 @@ import numpy as np
 import pandas as pd
 import rasterio
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 
 from bnnpan.atomic import atomic_dir, write_text
-from bnnpan.config import Params
-from bnnpan.data.hdf5io import read_attrs, validate_h5
+from bnnpan.config import ConfigError, Params
+from bnnpan.data.hdf5io import HDF5Error, read_attrs, validate_h5
 from bnnpan.eval.metrics_fr import full_resolution
-from bnnpan.eval.metrics_rr import reduced_resolution
+from bnnpan.eval.metrics_rr import reduced_resolution, smallest_tile
 from bnnpan.models.registry import KIND, MethodContext, build_method
 from bnnpan.sensors import get_sensor
 
@@ -59,6 +69,7 @@ INDICES, COST, SETUP = "indices", "network_cost", "setup"
 GROUP_KEYS = {"rr": RR_KEYS, "fr": FR_KEYS}
 RESOLUTION_GROUP = {"reduced": "rr", "full": "fr"}  # tiles.csv's `resolution` -> indices group
 TIMING_FILE = "timing.json"  # volatile: gitignored, not a DVC output
+log = logging.getLogger(__name__)
 
 
 def method_context(attrs: dict[str, Any]) -> MethodContext:
@@ -81,10 +92,30 @@ def _write_tif(path: Path, arr: np.ndarray, transform: list[float], crs: str | N
     profile = dict(driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0], dtype="float32",
                    transform=Affine.from_gdal(*transform), crs=crs,
                    compress="deflate", predictor=3)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(arr.astype(np.float32))
-        for i, name in enumerate(bands, start=1):
-            dst.set_band_description(i, name)
+    with warnings.catch_warnings():
+        if crs is None:  # pixel coordinates: said once per evaluation (evaluate_method), not per tile
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(arr.astype(np.float32))
+            for i, name in enumerate(bands, start=1):
+                dst.set_band_description(i, name)
+
+
+def check_test_files(params: Params, dataset: str, rr_path: Path, fr_path: Path | None) -> None:
+    """One-line errors before any output exists: test tiles the indices cannot score with ``evaluate``'s
+    ``border_cut`` and ``block`` (prepare refuses them too, but these settings may have changed since)."""
+    cfg = params.evaluate
+    need = smallest_tile(cfg.border_cut, cfg.block)
+    h, w = validate_h5(rr_path)["shapes"]["lms"][2:]
+    if min(h, w) < need:
+        raise HDF5Error(f"{rr_path}: dataset {dataset}: reduced-resolution test tiles of {h} x {w} are too small for "
+                        f"the indices: evaluate.border_cut={cfg.border_cut} and one {cfg.block} x {cfg.block} block "
+                        f"(evaluate.block) need at least {need} x {need}")
+    if fr_path is not None:
+        h, w = validate_h5(fr_path)["shapes"]["lms"][2:]
+        if h % cfg.block or w % cfg.block or min(h, w) < cfg.block:
+            raise HDF5Error(f"{fr_path}: dataset {dataset}: full-resolution test tiles of {h} x {w} are not a whole "
+                            f"number of {cfg.block} x {cfg.block} blocks (evaluate.block)")
 
 
 def _json_float(x: Any) -> Any:
@@ -97,10 +128,17 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate ``method`` on ``dataset``; return the metrics dictionary written to metrics.json."""
     cfg = params.evaluate
+    if dataset in params.datasets and not params.has_split(dataset, "test_rr"):
+        only_fr = params.has_split(dataset, "test_fr")
+        raise ConfigError(f"dataset {dataset} has no reduced-resolution test file (datasets.{dataset}.test_rr is not "
+                          f"given{'; full-resolution-only evaluation is not supported' if only_fr else ''}): "
+                          "nothing to evaluate")
     prepared = Path(params.paths.prepared) / dataset
-    rr_path, fr_path = prepared / "test_rr.h5", prepared / "test_fr.h5"
-    validate_h5(rr_path)
-    validate_h5(fr_path)
+    rr_path = prepared / "test_rr.h5"
+    # An imported dataset may come without full-resolution tiles: then reduced resolution only.
+    has_fr = dataset not in params.datasets or params.has_split(dataset, "test_fr")
+    fr_path = prepared / "test_fr.h5" if has_fr else None
+    check_test_files(params, dataset, rr_path, fr_path)
     attrs = read_attrs(rr_path)
     ctx = method_context(attrs)
     network = method in params.train.methods
@@ -118,15 +156,23 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     out_dir = Path(out_dir or Path(params.paths.reports) / dataset / method)
     rows: list[dict[str, Any]] = []
     latency: dict[str, list[float]] = {"rr": [], "fr": []}
+    if cfg.save_fused and any(crs_by_scene.get(s) is None for s in scenes):
+        log.info("dataset %s: the test tiles have no georeferencing: the fused GeoTIFFs in %s are in pixel "
+                 "coordinates", dataset, out_dir / "fused")
 
-    with h5py.File(rr_path, "r") as frr, h5py.File(fr_path, "r") as ffr:
-        n_rr, n_fr = len(frr["pan"]), len(ffr["pan"])
+    created = not out_dir.exists()
+    with contextlib.ExitStack() as stack:
+        if created:  # a failure leaves no empty report folder behind
+            stack.callback(lambda: out_dir.is_dir() and not any(out_dir.iterdir()) and out_dir.rmdir())
+        frr = stack.enter_context(h5py.File(rr_path, "r"))
+        ffr = stack.enter_context(h5py.File(fr_path, "r")) if fr_path is not None else None
+        n_rr, n_fr = len(frr["pan"]), (len(ffr["pan"]) if ffr is not None else 0)
         total, done = n_rr + (0 if needs_ref else n_fr), 0
         fused_dir = out_dir / "fused"
         fused_dir.parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(fused_dir) as tmp_fused:
             for res, f, n in (("reduced", frr, n_rr), ("full", ffr, n_fr)):
-                if res == "full" and needs_ref:
+                if res == "full" and (needs_ref or f is None):
                     continue  # the oracle prior sees the reference: there is none at full resolution
                 for i in range(n):
                     lms = f["lms"][i].astype(np.float64)
@@ -155,7 +201,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
                     if progress:
                         progress(f"{dataset}/{method} {res} tile {i}", done, total)
 
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=["resolution", "tile", "scene", "window_row", "window_col", *METRIC_KEYS])
     indices: dict[str, dict[str, Any]] = {}
     for res, group in RESOLUTION_GROUP.items():
         sel = table.loc[table.resolution == res]

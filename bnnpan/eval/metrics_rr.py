@@ -56,6 +56,7 @@ __all__ = [
     "reduced_resolution",
     "sam",
     "scc",
+    "smallest_tile",
 ]
 
 ArrayLike = npt.ArrayLike
@@ -142,6 +143,16 @@ def cut_border(img: ArrayLike, cut: int = DEFAULT_CUT) -> FloatArray:
     if h - 2 * c + 1 < 1 or w - 2 * c + 1 < 1:
         raise ValueError(f"border cut {c} leaves nothing of an image of shape {arr.shape}")
     return arr[..., c - 1 : h - c, c - 1 : w - c]
+
+
+def smallest_tile(cut: int = DEFAULT_CUT, block: int = DEFAULT_BLOCK) -> int:
+    """Smallest side of a reduced-resolution test tile that :func:`reduced_resolution` can score.
+
+    :func:`cut_border` keeps ``side - 2 cut + 1`` pixels (``side`` when ``cut`` is 0) and Q needs one
+    whole ``block x block`` window in what is left: ``block + 2 cut - 1`` (73 for the toolbox's 21 and
+    32). ``prepare`` (and the PanCollection import) refuse smaller tiles, so ``evaluate`` never meets one.
+    """
+    return block + max(2 * cut - 1, 0)
 
 
 # --------------------------------------------------------------------------------------------

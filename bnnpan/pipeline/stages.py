@@ -19,14 +19,18 @@ from typing import Any
 
 import yaml
 
-from bnnpan.config import Params
+from bnnpan.config import PanCollectionDataset, Params
 from bnnpan.report import SUBBAND_METHODS
 
 # Code each stage depends on (DVC re-runs a stage when these change; .dvcignore drops caches).
 FETCH_CODE = ["bnnpan/data/sources.py", "bnnpan/data/landsat.py", "bnnpan/data/stac.py",
               "bnnpan/data/download.py", "bnnpan/data/scene.py", "bnnpan/sensors.py"]
 PREPARE_CODE = ["bnnpan/data/prepare.py", "bnnpan/data/wald.py", "bnnpan/data/hdf5io.py",
-                "bnnpan/data/scene.py", "bnnpan/sensors.py"]
+                "bnnpan/data/scene.py", "bnnpan/sensors.py", "bnnpan/eval/metrics_rr.py"]
+# A `source: pancollection` dataset is imported, not prepared from scenes (bnnpan/data/pancollection.py).
+IMPORT_CODE = ["bnnpan/data/pancollection.py", "bnnpan/data/prepare.py", "bnnpan/data/hdf5io.py",
+               "bnnpan/data/scene.py", "bnnpan/data/sources.py", "bnnpan/data/download.py", "bnnpan/sensors.py",
+               "bnnpan/eval/metrics_rr.py"]
 EVALUATE_CODE = ["bnnpan/eval/evaluate.py", "bnnpan/eval/metrics_rr.py", "bnnpan/eval/metrics_fr.py",
                  "bnnpan/models/registry.py", "bnnpan/models/classical.py", "bnnpan/data/wald.py"]
 REPORT_CODE = ["bnnpan/report/build.py"]
@@ -122,6 +126,20 @@ def _build(params: Params) -> list[Stage]:
             desc=f"acquire scene {name} ({scene.source}) as co-registered pan.tif/ms.tif/scene.json",
         ))
     for name, ds in params.datasets.items():
+        if isinstance(ds, PanCollectionDataset):
+            # No fetch stage: the files are the input. Local files are deps (DVC takes absolute paths too);
+            # a URL's {url, sha256} is in the params section, so a new file re-runs the import.
+            files = [loc.path for loc in ds.files().values() if loc.path is not None]
+            stages.append(Stage(
+                name=f"prepare_{name}",
+                cmd=("bnnpan", "prepare", "--dataset", name),
+                deps=tuple(IMPORT_CODE + files),
+                params=(f"datasets.{name}",),
+                outs=(f"{p.prepared}/{name}",),
+                dirs=(f"{p.prepared}/{name}",),
+                desc=f"import the PanCollection files of dataset {name} (validated, copied as prepared HDF5)",
+            ))
+            continue
         stages.append(Stage(
             name=f"prepare_{name}",
             cmd=("bnnpan", "prepare", "--dataset", name),

@@ -49,6 +49,7 @@ def _digest(blob: dict[str, Any]) -> str:
 def pretrain_prior(params: Params, dataset: str, *, track: bool = True, resume: bool = True,
                    progress: bool = True) -> dict[str, Any]:
     """Run both stages for ``dataset``; returns ``{"stage1": metrics, "stage2": metrics}``."""
+    params.need_split(dataset, "train", "pretrain the prior")
     prepared = Path(params.paths.prepared) / dataset
     attrs = read_attrs(prepared / "train.h5")
     manifest = json.loads((prepared / "manifest.json").read_text())

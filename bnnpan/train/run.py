@@ -35,6 +35,7 @@ def prior_file(params: Params, dataset: str) -> Path:
 
 def train_method(params: Params, dataset: str, method: str, *, track: bool = True, resume: bool = True,
                  progress: bool = True) -> dict[str, Any]:
+    params.need_split(dataset, "train", f"train {method}")
     prepared = Path(params.paths.prepared) / dataset
     attrs = read_attrs(prepared / "train.h5")
     manifest = json.loads((prepared / "manifest.json").read_text())
