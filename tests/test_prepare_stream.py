@@ -137,13 +137,13 @@ class _Spy:
     def __init__(self, monkeypatch) -> None:
         self.reads: list[tuple[str, int, int]] = []
         for what in ("pan", "ms"):
-            orig = getattr(prep._SceneReader, what)
+            orig = getattr(prep.SceneReader, what)
 
             def read(reader, r0, r1, c0, c1, _orig=orig, _what=what):
                 self.reads.append((_what, r1 - r0, c1 - c0))
                 return _orig(reader, r0, r1, c0, c1)
 
-            monkeypatch.setattr(prep._SceneReader, what, read)
+            monkeypatch.setattr(prep.SceneReader, what, read)
 
 
 def _compare(one: Path, many: Path, exact: tuple[str, ...]) -> None:

@@ -50,7 +50,6 @@ import array
 import contextlib
 import json
 import subprocess
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,7 @@ from bnnpan.atomic import atomic_dir
 from bnnpan.config import DatasetConfig, PanCollectionDataset, Params
 from bnnpan.data import wald
 from bnnpan.data.hdf5io import SampleWriter
-from bnnpan.data.scene import SceneError, nodata_mask, sha256_file
+from bnnpan.data.scene import SceneError, SceneReader, nodata_mask, sha256_file
 from bnnpan.eval.metrics_rr import smallest_tile
 from bnnpan.sensors import get_sensor
 
@@ -145,67 +144,6 @@ MTF_TAPS = 41
 _MARGIN = (MTF_TAPS - 1) // 2  # rows/columns of context the MTF filter needs on each side
 
 
-class _SceneReader:
-    """Windowed float64 reads of a raw scene (``pan.tif``, ``ms.tif``, ``scene.json``) with rasterio.
-
-    Reads only the rows and columns asked for, as :func:`bnnpan.data.scene.read_raw_scene` reads the
-    whole files (same values: the stored DN cast to float64). Errors name the scene directory.
-    """
-
-    def __init__(self, scene_dir: Path) -> None:
-        import rasterio
-        from rasterio.errors import NotGeoreferencedWarning
-
-        self.dir = scene_dir
-        meta_path = scene_dir / "scene.json"
-        if not meta_path.is_file():
-            raise SceneError(f"{scene_dir}: no scene.json (run `bnnpan fetch` first)")
-        self.meta = json.loads(meta_path.read_text())
-        self._stack = contextlib.ExitStack()
-        try:
-            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
-            # .mat / PanCollection scenes are in pixel coordinates: said once when fetched, not per open
-            self._stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            self._pan = self._stack.enter_context(rasterio.open(scene_dir / "pan.tif"))
-            self._ms = self._stack.enter_context(rasterio.open(scene_dir / "ms.tif"))
-        except rasterio.errors.RasterioError as e:
-            self._stack.close()
-            raise SceneError(f"{scene_dir}: cannot read raster: {e}") from None
-        self.pan_shape = (self._pan.height, self._pan.width)
-        self.ms_shape = (self._ms.count, self._ms.height, self._ms.width)
-        r = get_sensor(self.meta["sensor"]).ratio
-        if self.pan_shape != (self.ms_shape[1] * r, self.ms_shape[2] * r):
-            self._stack.close()
-            raise SceneError(f"{scene_dir}: PAN {self.pan_shape} is not ratio {r} x MS {self.ms_shape[1:]}")
-
-    def _read(self, ds: Any, indexes: Any, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        from rasterio.errors import RasterioError
-        from rasterio.windows import Window
-
-        try:
-            return ds.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0)).astype(np.float64)
-        except RasterioError as e:
-            raise SceneError(f"{self.dir}: cannot read raster: {e}") from None
-
-    def pan(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """PAN rows [r0, r1) x columns [c0, c1), float64 (H, W)."""
-        return self._read(self._pan, 1, r0, r1, c0, c1)
-
-    def ms(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """MS rows [r0, r1) x columns [c0, c1) of every band, float64 (C, h, w)."""
-        return self._read(self._ms, None, r0, r1, c0, c1)
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> _SceneReader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
 class _Split:
     """One output file being written: samples streamed to disk, per-sample provenance kept compactly
     (66 bytes a sample: :meth:`arrays` gives it back as the int16 / int32 / float64 arrays of the file)."""
@@ -240,7 +178,7 @@ def _nodata_mask(pan: np.ndarray, ms: np.ndarray, nodata: float | None, ratio: i
     return m.reshape(h, ratio, w, ratio).any(axis=(1, 3))
 
 
-def _scene_mask(reader: _SceneReader, nodata: float | None, ratio: int) -> np.ndarray:
+def _scene_mask(reader: SceneReader, nodata: float | None, ratio: int) -> np.ndarray:
     """:func:`_nodata_mask` of the whole scene (one bool per MS pixel), read in row blocks."""
     c, h, w = reader.ms_shape
     mask = np.zeros((h, w), dtype=bool)
@@ -288,7 +226,7 @@ def _mtf_window(read: Callable[[int, int, int, int], np.ndarray], H: int, W: int
     return src[..., a - r0 : b - r0, c - c0 : d - c0], low
 
 
-def _degrade_window(reader: _SceneReader, reg: Region, a: int, b: int, c: int, d: int, gains: tuple[float, ...],
+def _degrade_window(reader: SceneReader, reg: Region, a: int, b: int, c: int, d: int, gains: tuple[float, ...],
                     pan_gain: float, ratio: int, cfg: DatasetConfig, taps: dict[str, Any]
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows [a, b) x columns [c, d) (region-relative, multiples of ``ratio``) of the region's Wald degradation.
@@ -329,7 +267,7 @@ def _row_bytes(c: int, ratio: int, width: int) -> int:
     return 8 * (2 * c * w + 6 * w + 3 * ratio * (ratio * width + 2 * _MARGIN))
 
 
-def _cut_reduced(out: _Split, reader: _SceneReader, reg: Region, mask: np.ndarray, gains: tuple[float, ...],
+def _cut_reduced(out: _Split, reader: SceneReader, reg: Region, mask: np.ndarray, gains: tuple[float, ...],
                  pan_gain: float, ratio: int, size: int, stride: int, max_nodata: float, cfg: DatasetConfig,
                  scene_idx: int, ms_t: list[float]) -> None:
     """Reduced-resolution samples of one region (patches or test tiles), streamed window by window.
@@ -422,7 +360,7 @@ def _cut_reduced(out: _Split, reader: _SceneReader, reg: Region, mask: np.ndarra
         a = b
 
 
-def _cut_full(out: _Split, reader: _SceneReader, reg: Region, mask: np.ndarray, ratio: int, F: int,
+def _cut_full(out: _Split, reader: SceneReader, reg: Region, mask: np.ndarray, ratio: int, F: int,
               max_nodata: float, scene_idx: int, pan_t: list[float]) -> None:
     """Full-resolution test tiles of one region: the original PAN and MS, read tile by tile."""
     R, f = ratio, F // ratio
@@ -522,7 +460,7 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
             if progress:
                 progress(f"{dataset}: reading {name}", done, total)
             scene_dir = Path(params.paths.raw) / name
-            with _SceneReader(scene_dir) as reader:
+            with SceneReader(scene_dir, GDAL_CACHE_MB) as reader:
                 meta = reader.meta
                 s = get_sensor(meta["sensor"])
                 s_scale = float(meta.get("scale") or s.scale)

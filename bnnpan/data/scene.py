@@ -28,6 +28,7 @@ the data look like.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,6 +43,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
 
 from bnnpan.atomic import atomic_dir  # noqa: F401 - re-exported for callers
 from bnnpan.sensors import Sensor, get_sensor
@@ -317,23 +319,66 @@ def write_raw_scene(scene: RawScene, out_dir: str | Path, name: str | None = Non
     return out_dir
 
 
+class SceneReader:
+    """Windowed float64 reads of a raw scene (``pan.tif``, ``ms.tif``, ``scene.json``) with rasterio.
+
+    Reads only the rows and columns asked for (``prepare`` streams a scene through it; :func:`read_raw_scene`
+    reads the whole extents): the stored DN cast to float64. GDAL's block cache is capped at
+    ``cache_mb``. Errors name the scene directory.
+    """
+
+    def __init__(self, scene_dir: str | Path, cache_mb: int = 32) -> None:
+        scene_dir = Path(scene_dir)
+        self.dir = scene_dir
+        meta_path = scene_dir / "scene.json"
+        if not meta_path.is_file():
+            raise SceneError(f"{scene_dir}: no scene.json (run `bnnpan fetch` first)")
+        self.meta = json.loads(meta_path.read_text())
+        self._stack = contextlib.ExitStack()
+        try:
+            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=cache_mb))
+            # .mat / PanCollection scenes are in pixel coordinates: said once when fetched, not per open
+            self._stack.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            self._pan = self._stack.enter_context(rasterio.open(scene_dir / "pan.tif"))
+            self._ms = self._stack.enter_context(rasterio.open(scene_dir / "ms.tif"))
+        except rasterio.errors.RasterioError as e:
+            self._stack.close()
+            raise SceneError(f"{scene_dir}: cannot read raster: {e}") from None
+        self.pan_shape = (self._pan.height, self._pan.width)
+        self.ms_shape = (self._ms.count, self._ms.height, self._ms.width)
+        r = get_sensor(self.meta["sensor"]).ratio
+        if self.pan_shape != (self.ms_shape[1] * r, self.ms_shape[2] * r):
+            self._stack.close()
+            raise SceneError(f"{scene_dir}: PAN {self.pan_shape} is not ratio {r} x MS {self.ms_shape[1:]}")
+
+    def _read(self, ds: Any, indexes: Any, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        try:
+            return ds.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0)).astype(np.float64)
+        except rasterio.errors.RasterioError as e:
+            raise SceneError(f"{self.dir}: cannot read raster: {e}") from None
+
+    def pan(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """PAN rows [r0, r1) x columns [c0, c1), float64 (H, W)."""
+        return self._read(self._pan, 1, r0, r1, c0, c1)
+
+    def ms(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """MS rows [r0, r1) x columns [c0, c1) of every band, float64 (C, h, w)."""
+        return self._read(self._ms, None, r0, r1, c0, c1)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> SceneReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+
 def read_raw_scene(scene_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Read a raw scene written by :func:`write_raw_scene`: (pan (H,W) float64, ms (C,h,w) float64, meta)."""
-    scene_dir = Path(scene_dir)
-    meta_path = scene_dir / "scene.json"
-    if not meta_path.is_file():
-        raise SceneError(f"{scene_dir}: no scene.json (run `bnnpan fetch` first)")
-    meta = json.loads(meta_path.read_text())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # .mat scenes: pixel coordinates
-            with rasterio.open(scene_dir / "pan.tif") as ds:
-                pan = ds.read(1).astype(np.float64)
-            with rasterio.open(scene_dir / "ms.tif") as ds:
-                ms = ds.read().astype(np.float64)
-    except rasterio.errors.RasterioError as e:
-        raise SceneError(f"{scene_dir}: cannot read raster: {e}") from None
-    sensor = get_sensor(meta["sensor"])
-    if pan.shape != (ms.shape[1] * sensor.ratio, ms.shape[2] * sensor.ratio):
-        raise SceneError(f"{scene_dir}: PAN {pan.shape} is not ratio {sensor.ratio} x MS {ms.shape[1:]}")
-    return pan, ms, meta
+    with SceneReader(scene_dir) as r:
+        c, h, w = r.ms_shape
+        return r.pan(0, r.pan_shape[0], 0, r.pan_shape[1]), r.ms(0, h, 0, w), r.meta
