@@ -16,7 +16,7 @@ FR_MTF = ("d_s_mtf", "hqnr_mtf")  # our MTF variant of D_s: only on datasets wit
 def nested(flat: dict[str, Any], setup: dict[str, Any], n_tiles: tuple[int, int],
            cost: dict[str, Any] | None = None, environment: dict[str, Any] | None = None) -> dict[str, Any]:
     """``{"indices": {"rr": ..., "fr": ...}, ["network_cost": cost,] "setup": {"n_tiles": ..., **setup}
-    [, "environment": environment]}``.
+    [, "run_environment": environment]}``.
 
     ``flat`` maps an index name to ``{"mean", "std"}``; indices it lacks are left out (``d_s_mtf`` and
     ``hqnr_mtf`` come after the four full-resolution indices when present).
@@ -27,5 +27,5 @@ def nested(flat: dict[str, Any], setup: dict[str, Any], n_tiles: tuple[int, int]
         out["network_cost"] = cost
     out["setup"] = {"n_tiles": {"rr": n_tiles[0], "fr": n_tiles[1]}, **setup}
     if environment is not None:
-        out["environment"] = environment
+        out["run_environment"] = environment
     return out

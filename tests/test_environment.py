@@ -127,7 +127,7 @@ def test_evaluate_with_threads_null_follows_the_environment_variable(prepared_la
     monkeypatch.setenv(THREADS_ENV, "1")
     m = evaluate_method(_params(prepared_landsat, tmp_path), prepared_landsat.name, "exp", out_dir=tmp_path / "e")
     assert torch.get_num_threads() == 1
-    assert (m["environment"]["threads"], m["environment"]["threads_source"]) == (1, THREADS_ENV)
+    assert (m["run_environment"]["threads"], m["run_environment"]["threads_source"]) == (1, THREADS_ENV)
 
 
 # ----------------------------------------------------------------------------- train and MLflow
@@ -191,8 +191,9 @@ def test_cli_evaluate_logs_the_environment_and_the_mtf_variant_to_mlflow(prepare
     metrics = json.loads((tmp_path / "reports" / "d" / "exp" / "metrics.json").read_text())
     mlflow.set_tracking_uri(mlflow_store)
     (run,) = mlflow.search_runs(experiment_names=["bnnpan"], output_format="list")
-    assert {k: run.data.tags[f"env.{k}"] for k in ENV_KEYS} == {k: str(v) for k, v in metrics["environment"].items()}
-    assert run.data.params["threads"] == "1" and metrics["environment"]["threads"] == 1
+    env = metrics["run_environment"]
+    assert {k: run.data.tags[f"env.{k}"] for k in ENV_KEYS} == {k: str(v) for k, v in env.items()}
+    assert run.data.params["threads"] == "1" and metrics["run_environment"]["threads"] == 1
     fr = metrics["indices"]["fr"]
     for k in ("d_s", "hqnr", "d_s_mtf", "hqnr_mtf"):
         assert run.data.metrics[f"{k}_mean"] == pytest.approx(fr[k]["mean"])

@@ -153,14 +153,14 @@ def test_metrics_json_layout_quality_first_and_nothing_volatile(fixture, request
     """metrics.json (tracked in git, a DVC metrics file): the quality indices first, RR then FR in the
     table's order (the MTF variant of D_s after the toolbox's four, on the mtf dataset only), then the
     setup, then the run environment; no timing or path anywhere; `dvc metrics show` sorts the flattened
-    keys alphabetically: the environment's strings, then every index, then the setup."""
+    keys alphabetically: every index, then the run environment's strings, then the setup."""
     p, _ = request.getfixturevalue(fixture)
     dataset, mtf = ("l8ds", True) if fixture == "landsat" else ("wv2", False)
     fr_keys = FR_KEYS + (FR_MTF_KEYS if mtf else ())
     for m in ANCHORS:
         out = Path(p.paths.reports) / dataset / m
         metrics = json.loads((out / "metrics.json").read_text())
-        assert list(metrics) == ["indices", "setup", "environment"]  # classical: no network_cost
+        assert list(metrics) == ["indices", "setup", "run_environment"]  # classical: no network_cost
         assert list(metrics["indices"]) == ["rr", "fr"]
         assert tuple(metrics["indices"]["rr"]) == RR_KEYS and tuple(metrics["indices"]["fr"]) == fr_keys
         assert all(list(v) == ["mean", "std"] for g in metrics["indices"].values() for v in g.values())
@@ -171,14 +171,13 @@ def test_metrics_json_layout_quality_first_and_nothing_volatile(fixture, request
         keys = _flat_keys(metrics)
         assert not [k for k in keys if any(w in k.lower() for w in VOLATILE)], keys
         ranked = sorted(keys)
-        n_env, n_idx = len(metrics["environment"]), 2 * (len(RR_KEYS) + len(fr_keys))
-        assert all(k.startswith("environment.") for k in ranked[:n_env])
-        assert all(k.startswith("indices.") for k in ranked[n_env:n_env + n_idx])
-        assert all(k.startswith("setup.") for k in ranked[n_env + n_idx:])
-    # the group names are chosen so that the alphabetical order is indices, cost, setup (networks too);
-    # the environment (strings only) sorts before them
-    assert sorted([SETUP, COST, INDICES, ENVIRONMENT]) == [ENVIRONMENT, INDICES, COST, SETUP] == [
-        "environment", "indices", "network_cost", "setup"]
+        n_env, n_idx = len(metrics["run_environment"]), 2 * (len(RR_KEYS) + len(fr_keys))
+        assert all(k.startswith("indices.") for k in ranked[:n_idx])
+        assert all(k.startswith("run_environment.") for k in ranked[n_idx:n_idx + n_env])
+        assert all(k.startswith("setup.") for k in ranked[n_idx + n_env:])
+    # the group names are chosen so that the alphabetical order is indices, cost, environment, setup
+    assert sorted([SETUP, COST, INDICES, ENVIRONMENT]) == [INDICES, COST, ENVIRONMENT, SETUP] == [
+        "indices", "network_cost", "run_environment", "setup"]
 
 
 @pytest.mark.parametrize("fixture", ["landsat", "worldview"])

@@ -11,24 +11,24 @@ Writes into ``reports/<dataset>/<method>/``:
 * ``metrics.json`` (a DVC metrics file, kept in git): only figures that are the same on every
   re-run of the same inputs, nested so that the quality indices come first and the cost second
   (``dvc metrics show`` sorts the flattened keys alphabetically, ``dvc exp show`` keeps the file's
-  order, and both agree on indices, cost, setup; the ``environment`` block is the exception, below)::
+  order, and both agree on indices, cost, run environment, setup)::
 
       {"indices": {"rr": {"psnr": {"mean", "std"}, "sam", "ergas", "q2n", "scc", "q"},
                    "fr": {"d_lambda": {"mean", "std"}, "d_s", "hqnr", "qnr",
                           "d_s_mtf", "hqnr_mtf"}},                        # _mtf: pan_degradation mtf only
        "network_cost": {"64": {...}, "256": {...}, "file": {...}},      # networks only
        "setup": {"n_tiles": {"rr", "fr"}, "dataset", "method", "kind", "sensor", ...},
-       "environment": {"cpu", "cpu_count", "threads", "threads_source", "device", "gpu", "torch", "cuda",
-                       "numpy", "python", "platform", "machine"}}
+       "run_environment": {"cpu", "cpu_count", "threads", "threads_source", "device", "gpu", "torch",
+                           "cuda", "numpy", "python", "platform", "machine"}}
 
   ``d_s``, ``hqnr`` and ``qnr`` are the toolbox's on every dataset (D_s's low-pass PAN from the bicubic
   shrink, protocol.md). A dataset prepared with ``pan_degradation: mtf`` also gets our variant,
   ``d_s_mtf`` and ``hqnr_mtf`` (:func:`bnnpan.eval.metrics_fr.full_resolution`), in ``indices.fr`` after
   the four and as ``tiles.csv`` columns after the others; a ``bicubic`` dataset has neither.
-  ``environment`` (:mod:`bnnpan.environment`) states what the float results depend on: the thread count
-  (params' ``threads``, applied here), CPU, library versions, device. It comes last in the file, and
-  first in ``dvc metrics show``'s alphabetical order; it holds no time or host name, so it is the same
-  on every run on one machine.
+  ``run_environment`` (:mod:`bnnpan.environment`) states what the float results depend on: the thread
+  count (params' ``threads``, applied here), CPU, library versions, device. Named so that it sorts after
+  the indices and the cost in ``dvc metrics show``; it holds no time or host name, so it is the same on
+  every run on one machine.
 
 * ``timing.json`` (not tracked by git or DVC): the wall-clock fusion time of every tile and their
   median per resolution. It depends on the machine and its load, so it changes on every run; it
@@ -80,7 +80,7 @@ FR_MTF_KEYS = ("d_s_mtf", "hqnr_mtf")  # our MTF variant, only on datasets with 
 METRIC_KEYS = RR_KEYS + FR_KEYS
 # metrics.json groups, in file order: indices, network_cost, setup is also the alphabetical order
 # `dvc metrics show` sorts them into; environment comes last in the file (first alphabetically).
-INDICES, COST, SETUP, ENVIRONMENT = "indices", "network_cost", "setup", "environment"
+INDICES, COST, SETUP, ENVIRONMENT = "indices", "network_cost", "setup", "run_environment"
 GROUP_KEYS = {"rr": RR_KEYS, "fr": FR_KEYS}
 OPTIONAL_KEYS = {"rr": (), "fr": FR_MTF_KEYS}  # after GROUP_KEYS[g] where present
 RESOLUTION_GROUP = {"reduced": "rr", "full": "fr"}  # tiles.csv's `resolution` -> indices group
