@@ -248,10 +248,11 @@ def evaluate(
     """Score methods on a dataset's test tiles at reduced and full resolution.
 
     Writes reports/<dataset>/<method>/metrics.json (mean and std of PSNR, SAM, ERGAS, Q2n, SCC,
-    Q, D_lambda, D_s, HQNR, QNR; the cost of networks), tiles.csv (per tile), fused/*.tif
+    Q, D_lambda, D_s, HQNR, QNR, plus D_s / HQNR with the MTF low-pass PAN on a dataset prepared with
+    it; the cost of networks; the run environment), tiles.csv (per tile), fused/*.tif
     (georeferenced) and timing.json (fusion time per tile: untracked, logged to MLflow).
     """
-    from bnnpan.eval.evaluate import TIMING_FILE, evaluate_method, index_stats
+    from bnnpan.eval.evaluate import ENVIRONMENT, TIMING_FILE, evaluate_method, index_stats
     from bnnpan.models.registry import known_methods
 
     p = load_params(params)
@@ -283,6 +284,7 @@ def evaluate(
 
             out = Path(p.paths.reports) / d / m
             with tracking.stage_run(p, f"evaluate_{d}_{m}", {"dataset": d, "method": m}):
+                tracking.log_environment(metrics[ENVIRONMENT])
                 tracking.log_params({"method": m, "dataset": d, **tracking.flatten(
                     p.evaluate.model_dump(mode="json", exclude={"methods", "datasets"}), "evaluate.")})
                 timing = json.loads((out / TIMING_FILE).read_text())

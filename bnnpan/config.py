@@ -223,7 +223,8 @@ class DatasetConfig(Strict):
     max_nodata_fraction: float = Field(0.25, ge=0, le=1, description="drop train/valid patches above it")
     test_max_nodata_fraction: float = Field(0.0, ge=0, le=1, description="drop test tiles above it")
     pan_degradation: Literal["bicubic", "mtf"] = Field(
-        "bicubic", description="PAN_lr (and D_s's PAN_L): antialiased bicubic shrink, or MTF_PAN + decimation"
+        "bicubic", description="PAN_lr: antialiased bicubic shrink, or MTF_PAN + decimation (mtf also adds "
+        "d_s_mtf / hqnr_mtf, whose PAN_L is made that way; d_s / hqnr stay the toolbox's)"
     )
     dtype: Literal["float32", "float64"] = "float32"
 
@@ -266,8 +267,8 @@ class PanCollectionDataset(Strict):
     valid_fraction: float = Field(0.1, gt=0, lt=1, description="without `valid`: the fraction of train's samples "
                                   "(the last ones) that become valid.h5")
     pan_degradation: Literal["bicubic", "mtf"] = Field(
-        "bicubic", description="how the files' PAN was degraded (D_s builds its low-pass PAN the same way); "
-        "PanCollection: bicubic")
+        "bicubic", description="how the files' PAN was degraded (mtf adds d_s_mtf / hqnr_mtf beside the "
+        "toolbox's d_s / hqnr); PanCollection: bicubic")
     dtype: Literal["float32", "float64"] = "float32"
     licence: str | None = None
     attribution: str | None = None
@@ -456,6 +457,9 @@ class Params(Strict):
 
     seed: int = 0
     device: str = Field("cpu", description="cpu | cuda (the current GPU) | cuda:N; checked again at run time")
+    threads: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        None, description="torch intra-op threads of train, pretrain-prior and evaluate (float results depend on "
+        "it); null: $BNNPAN_THREADS if set, else every CPU (bnnpan.environment.resolve_threads)")
     paths: Paths = Paths()
     tracking: TrackingConfig = TrackingConfig()
     scenes: dict[str, SceneConfig] = Field(default_factory=dict)

@@ -154,6 +154,16 @@ def log_params(flat: dict[str, Any]) -> None:
     retry(lambda: mlflow.log_params({k: str(v)[:6000] for k, v in items.items()}))
 
 
+def log_environment(env: dict[str, Any]) -> None:
+    """The run environment (:func:`bnnpan.environment.run_environment`) on the active run: every key as a tag
+    ``env.<key>`` (None as ``"None"``), and the intra-op thread count also as the param ``threads``, so runs
+    made with different counts (whose float results differ) are told apart in ``mlflow ui``'s columns."""
+    mlflow = _mlflow()
+    retry(lambda: mlflow.set_tags({f"env.{k}": str(v)[:5000] for k, v in env.items()}))
+    if "threads" in env:
+        log_params({"threads": env["threads"]})
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow = _mlflow()
     retry(lambda: mlflow.log_metrics(metrics, step=step))

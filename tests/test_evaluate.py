@@ -15,9 +15,12 @@ from bnnpan.config import Params
 from bnnpan.data.download import FetchContext
 from bnnpan.data.prepare import prepare_dataset
 from bnnpan.data.sources import fetch_scene
+from bnnpan.eval import metrics_fr as mfr
 from bnnpan.eval.evaluate import (
     COST,
+    ENVIRONMENT,
     FR_KEYS,
+    FR_MTF_KEYS,
     INDICES,
     METRIC_KEYS,
     RR_KEYS,
@@ -25,7 +28,20 @@ from bnnpan.eval.evaluate import (
     TIMING_FILE,
     evaluate_method,
     index_stats,
+    method_context,
 )
+from bnnpan.models.registry import build_method
+
+try:
+    from tests.metrics_layout import FR as LAYOUT_FR
+    from tests.metrics_layout import FR_MTF as LAYOUT_FR_MTF
+    from tests.metrics_layout import RR as LAYOUT_RR
+    from tests.metrics_layout import nested
+except ImportError:  # pytest run from inside tests/
+    from metrics_layout import FR as LAYOUT_FR
+    from metrics_layout import FR_MTF as LAYOUT_FR_MTF
+    from metrics_layout import RR as LAYOUT_RR
+    from metrics_layout import nested
 
 ANCHORS = ["exp", "mtf_glp_hpm", "gsa", "brovey"]
 
@@ -67,15 +83,22 @@ def worldview(tmp_path_factory, shared_data) -> tuple[Params, dict]:
 @pytest.mark.parametrize("fixture", ["landsat", "worldview"])
 def test_mtf_glp_hpm_beats_exp(fixture, request):
     """The anchors: MTF-GLP-HPM beats EXP on Q2n and ERGAS (reduced resolution) and has a
-    clearly better D_s at full resolution."""
+    clearly better D_s at full resolution -- the toolbox's on WorldView-2 (ratio 4). On the Landsat
+    dataset (ratio 2, PAN_lr by the MTF filter) the toolbox's bicubic PAN_L sits a quarter MS pixel off
+    the MS grid and its D_s ranks EXP first; the MTF variant reported beside it (d_s_mtf) does not."""
     _, res = request.getfixturevalue(fixture)
     exp, hpm = index_stats(res["exp"]), index_stats(res["mtf_glp_hpm"])
     assert hpm["q2n"]["mean"] > exp["q2n"]["mean"]
     assert hpm["ergas"]["mean"] < exp["ergas"]["mean"]
-    assert exp["d_s"]["mean"] > 1.5 * hpm["d_s"]["mean"], (exp["d_s"], hpm["d_s"])
+    ds = "d_s_mtf" if fixture == "landsat" else "d_s"
+    assert exp[ds]["mean"] > 1.5 * hpm[ds]["mean"], (exp[ds], hpm[ds])
+    if fixture == "landsat":
+        assert exp["d_s"]["mean"] < hpm["d_s"]["mean"]  # the toolbox's D_s, misled by the quarter-pixel shift
+    keys = METRIC_KEYS + (FR_MTF_KEYS if fixture == "landsat" else ())
     for m in res.values():
         st = index_stats(m)
-        for k in METRIC_KEYS:
+        assert list(st) == list(keys)
+        for k in keys:
             assert st[k]["mean"] is not None and np.isfinite(st[k]["mean"]), (m["setup"]["method"], k)
         assert 0 <= st["hqnr"]["mean"] <= 1 and 0 <= st["q2n"]["mean"] <= 1
 
@@ -85,7 +108,7 @@ def test_outputs_and_georeferencing(landsat):
     out = Path(p.paths.reports) / "l8ds" / "mtf_glp_hpm"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == res["mtf_glp_hpm"]
-    assert set(index_stats(metrics)) == set(METRIC_KEYS) and metrics["setup"]["psnr_peak"] == 65535.0
+    assert set(index_stats(metrics)) == set(METRIC_KEYS + FR_MTF_KEYS) and metrics["setup"]["psnr_peak"] == 65535.0
     assert metrics["setup"]["n_tiles"] == {"rr": 2, "fr": 2}
     tiles = pd.read_csv(out / "tiles.csv")
     assert len(tiles) == 4 and set(tiles.resolution) == {"reduced", "full"}
@@ -125,24 +148,49 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 VOLATILE = ("latency", "_ms", "time", "path", "date", "host")
 
 
-def test_metrics_json_layout_quality_first_and_nothing_volatile(landsat):
+@pytest.mark.parametrize("fixture", ["landsat", "worldview"])
+def test_metrics_json_layout_quality_first_and_nothing_volatile(fixture, request):
     """metrics.json (tracked in git, a DVC metrics file): the quality indices first, RR then FR in the
-    table's order, then the setup; no timing or path anywhere; `dvc metrics show` sorts the flattened
-    keys alphabetically, and that order also starts with every index (then cost, then setup)."""
-    p, _ = landsat
+    table's order (the MTF variant of D_s after the toolbox's four, on the mtf dataset only), then the
+    setup, then the run environment; no timing or path anywhere; `dvc metrics show` sorts the flattened
+    keys alphabetically: every index, then the run environment's strings, then the setup."""
+    p, _ = request.getfixturevalue(fixture)
+    dataset, mtf = ("l8ds", True) if fixture == "landsat" else ("wv2", False)
+    fr_keys = FR_KEYS + (FR_MTF_KEYS if mtf else ())
     for m in ANCHORS:
-        metrics = json.loads((Path(p.paths.reports) / "l8ds" / m / "metrics.json").read_text())
-        assert list(metrics) == ["indices", "setup"]  # classical: no network_cost
+        out = Path(p.paths.reports) / dataset / m
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert list(metrics) == ["indices", "setup", "run_environment"]  # classical: no network_cost
         assert list(metrics["indices"]) == ["rr", "fr"]
-        assert tuple(metrics["indices"]["rr"]) == RR_KEYS and tuple(metrics["indices"]["fr"]) == FR_KEYS
+        assert tuple(metrics["indices"]["rr"]) == RR_KEYS and tuple(metrics["indices"]["fr"]) == fr_keys
         assert all(list(v) == ["mean", "std"] for g in metrics["indices"].values() for v in g.values())
+        assert metrics["setup"]["pan_degradation"] == ("mtf" if mtf else "bicubic")
+        assert metrics["setup"]["d_s_pan_degradation"] == "bicubic"  # d_s is the toolbox's on every dataset
+        assert list(pd.read_csv(out / "tiles.csv").columns) == [
+            "resolution", "tile", "scene", "window_row", "window_col", *METRIC_KEYS, *fr_keys[len(FR_KEYS):]]
         keys = _flat_keys(metrics)
         assert not [k for k in keys if any(w in k.lower() for w in VOLATILE)], keys
         ranked = sorted(keys)
-        n_idx = 2 * len(METRIC_KEYS)
-        assert all(k.startswith("indices.") for k in ranked[:n_idx]) and ranked[n_idx].startswith("setup.")
-    # the group names are chosen so that the alphabetical order is indices, cost, setup (networks too)
-    assert sorted([SETUP, COST, INDICES]) == [INDICES, COST, SETUP] == ["indices", "network_cost", "setup"]
+        n_env, n_idx = len(metrics["run_environment"]), 2 * (len(RR_KEYS) + len(fr_keys))
+        assert all(k.startswith("indices.") for k in ranked[:n_idx])
+        assert all(k.startswith("run_environment.") for k in ranked[n_idx:n_idx + n_env])
+        assert all(k.startswith("setup.") for k in ranked[n_idx + n_env:])
+    # the group names are chosen so that the alphabetical order is indices, cost, environment, setup
+    assert sorted([SETUP, COST, INDICES, ENVIRONMENT]) == [INDICES, COST, ENVIRONMENT, SETUP] == [
+        "indices", "network_cost", "run_environment", "setup"]
+
+
+@pytest.mark.parametrize("fixture", ["landsat", "worldview"])
+def test_metrics_layout_helper_builds_what_evaluate_writes(fixture, request):
+    """tests/metrics_layout.py (the report tests' metrics.json) rebuilds a real metrics.json exactly from its
+    flat indices, setup and environment: the report tests read the layout evaluate writes."""
+    p, res = request.getfixturevalue(fixture)
+    assert (LAYOUT_RR, LAYOUT_FR, LAYOUT_FR_MTF) == (RR_KEYS, FR_KEYS, FR_MTF_KEYS)
+    for m in res.values():
+        setup = {k: v for k, v in m[SETUP].items() if k != "n_tiles"}
+        n = m[SETUP]["n_tiles"]
+        rebuilt = nested(index_stats(m), setup, (n["rr"], n["fr"]), environment=m[ENVIRONMENT])
+        assert json.dumps(rebuilt) == json.dumps(m)  # same keys, values and order
 
 
 def test_evaluating_twice_is_byte_identical_and_timing_is_apart(landsat, tmp_path):
@@ -216,3 +264,134 @@ def test_cli_evaluate_logs_the_timing_to_mlflow(prepared_landsat, tmp_path):
                                                ["indices"]["rr"]["q2n"]["mean"])
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"metrics.json", "tiles.csv", TIMING_FILE} <= names
+
+
+# ----------------------------------------------------------------------------- D_s: the toolbox's, everywhere
+# protocol.md's full-resolution formulas written out here, independently of bnnpan.data.wald and metrics_fr:
+# D_s = mean_b |Q(F_b, PAN) - Q(ms_exp_b, PAN_L)|, PAN_L = upsample23(bicubic_shrink(PAN, 1/R)), Q the UIQI on
+# non-overlapping 32 x 32 blocks; QNR = (1 - D_lambda_QNR)(1 - D_s); HQNR = (1 - D_lambda)(1 - D_s).
+INTERP23_TAPS = (0.61066818237, 0.0, -0.145397186478, 0.0, 0.043619155884, 0.0, -0.010385513306, 0.0,
+                 0.001615524292, 0.0, -0.000120162964)  # offsets 1..11 (protocol.md), mirrored, 1 at the centre
+
+
+def _keys_cubic(x: np.ndarray) -> np.ndarray:
+    a = np.abs(x)
+    return np.where(a <= 1, 1.5 * a**3 - 2.5 * a**2 + 1, np.where(a <= 2, -0.5 * a**3 + 2.5 * a**2 - 4 * a + 2, 0.0))
+
+
+def _shrink_matrix(n: int, r: int) -> np.ndarray:
+    """MATLAB's antialiased imresize(., 1/r, 'bicubic') along one axis as an (n/r) x n matrix: output i (1-based)
+    reads input coordinate u = i r + (1 - r)/2 with the Keys (a = -0.5) kernel stretched by r, over
+    ceil(4 r) + 2 taps from floor(u - 2 r), weights normalised to 1, symmetric borders."""
+    a = np.zeros((n // r, n))
+    mirror = np.concatenate([np.arange(n), np.arange(n)[::-1]])
+    for i in range(1, n // r + 1):
+        u = i * r + 0.5 * (1 - r)
+        idx = int(np.floor(u - 2 * r)) + np.arange(4 * r + 2)
+        w = _keys_cubic((u - idx) / r) / r
+        np.add.at(a[i - 1], mirror[(idx - 1) % (2 * n)], w / w.sum())
+    return a
+
+
+def _upsample23(img: np.ndarray, r: int) -> np.ndarray:
+    """log2(r) stages of zero insertion (odd 0-based positions first, even later) + 23 taps, circular borders."""
+    taps = np.concatenate([INTERP23_TAPS[::-1], [1.0], INTERP23_TAPS])
+    x = img
+    for stage in range(int(np.log2(r))):
+        up = np.zeros((2 * x.shape[0], 2 * x.shape[1]))
+        s = 1 if stage == 0 else 0
+        up[s::2, s::2] = x
+        for axis in (0, 1):
+            up = sum(taps[k + 11] * np.roll(up, k, axis=axis) for k in range(-11, 12))
+        x = up
+    return x
+
+
+def _uiqi(x: np.ndarray, y: np.ndarray, block: int = 32) -> float:
+    vals = []
+    for i in range(0, x.shape[0], block):
+        for j in range(0, x.shape[1], block):
+            a, b = x[i:i + block, j:j + block].ravel(), y[i:i + block, j:j + block].ravel()
+            c = np.cov(a, b)
+            vals.append(4 * c[0, 1] * a.mean() * b.mean() / ((c[0, 0] + c[1, 1]) * (a.mean() ** 2 + b.mean() ** 2)))
+    return float(np.mean(vals))
+
+
+def _protocol_d_s(fused: np.ndarray, pan: np.ndarray, ms_exp: np.ndarray, r: int) -> float:
+    pan_l = _upsample23(_shrink_matrix(pan.shape[0], r) @ pan @ _shrink_matrix(pan.shape[1], r).T, r)
+    return float(np.mean([abs(_uiqi(f, pan) - _uiqi(m, pan_l)) for f, m in zip(fused, ms_exp, strict=True)]))
+
+
+def _protocol_d_lambda_qnr(fused: np.ndarray, ms_exp: np.ndarray) -> float:
+    c = len(fused)
+    return float(np.mean([abs(_uiqi(fused[i], fused[j]) - _uiqi(ms_exp[i], ms_exp[j]))
+                          for i in range(c) for j in range(i + 1, c)]))
+
+
+def _fr_tiles(p: Params, dataset: str):
+    """(ctx, [(lms, pan, ms)]) of a dataset's full-resolution test tiles, as evaluate reads them."""
+    from bnnpan.data.hdf5io import read_attrs
+
+    path = Path(p.paths.prepared) / dataset / "test_fr.h5"
+    with h5py.File(path) as f:
+        tiles = [(f["lms"][i].astype(np.float64), f["pan"][i, 0].astype(np.float64), f["ms"][i].astype(np.float64))
+                 for i in range(len(f["pan"]))]
+    return read_attrs(path), tiles
+
+
+@pytest.mark.parametrize("fixture", ["landsat", "worldview"])
+def test_d_s_hqnr_qnr_are_the_toolbox_formulas_whatever_the_pan_degradation(fixture, request):
+    """On a real full-resolution Landsat-8 tile (dataset prepared with pan_degradation: mtf) and WorldView-2 tile
+    (bicubic), the d_s that evaluate writes for EXP and MTF-GLP-HPM (tiles.csv per tile, metrics.json's mean) is
+    protocol.md's D_s written out above (PAN_L from the bicubic shrink), to 1e-10; hqnr and qnr use that D_s."""
+    p, res = request.getfixturevalue(fixture)
+    dataset = "l8ds" if fixture == "landsat" else "wv2"
+    attrs, tiles = _fr_tiles(p, dataset)
+    ctx = method_context(attrs)
+    assert attrs["settings"]["pan_degradation"] == ("mtf" if fixture == "landsat" else "bicubic")
+    assert ctx.ratio == (2 if fixture == "landsat" else 4) and tiles
+    for method in ("exp", "mtf_glp_hpm"):
+        table = pd.read_csv(Path(p.paths.reports) / dataset / method / "tiles.csv")
+        fr = table[table.resolution == "full"].set_index("tile")
+        assert len(fr) == len(tiles)
+        direct = []
+        for i, (lms, pan, ms) in enumerate(tiles):
+            fused = np.asarray(build_method(method, ctx).fuse(lms, pan, ms), dtype=np.float64)
+            if method == "exp":
+                np.testing.assert_array_equal(fused, lms)
+            ds = _protocol_d_s(fused, pan, lms, ctx.ratio)
+            direct.append(ds)
+            assert fr.loc[i, "d_s"] == pytest.approx(ds, abs=1e-10), (method, i)
+            assert fr.loc[i, "hqnr"] == pytest.approx((1 - fr.loc[i, "d_lambda"]) * (1 - ds), abs=1e-9)
+            assert fr.loc[i, "qnr"] == pytest.approx((1 - _protocol_d_lambda_qnr(fused, lms)) * (1 - ds), abs=1e-9)
+        summary = res[method]["indices"]["fr"]["d_s"]
+        assert summary["mean"] == pytest.approx(np.mean(direct), abs=1e-10)
+        assert summary["std"] == pytest.approx(np.std(direct), abs=1e-10)
+
+
+def test_mtf_dataset_reports_the_toolbox_d_s_and_the_mtf_variant_beside_it(landsat, worldview):
+    """A dataset with pan_degradation: mtf keeps the toolbox's d_s / hqnr and adds d_s_mtf / hqnr_mtf (PAN_L by
+    MTF_PAN + decimation), which differ from them; a bicubic dataset has no _mtf keys or columns."""
+    p, res = landsat
+    attrs, tiles = _fr_tiles(p, "l8ds")
+    ctx = method_context(attrs)
+    for method in ("exp", "mtf_glp_hpm"):
+        table = pd.read_csv(Path(p.paths.reports) / "l8ds" / method / "tiles.csv")
+        fr = table[table.resolution == "full"].set_index("tile")
+        assert table.loc[table.resolution == "reduced", ["d_s_mtf", "hqnr_mtf"]].isna().all().all()
+        for i, (lms, pan, _ms) in enumerate(tiles):
+            fused = np.asarray(build_method(method, ctx).fuse(lms, pan, _ms), dtype=np.float64)
+            variant = mfr.d_s(fused, pan, lms, ctx.ratio, pan_degradation="mtf", pan_gain=ctx.pan_gain)
+            assert fr.loc[i, "d_s_mtf"] == pytest.approx(variant, abs=1e-10)
+            assert fr.loc[i, "d_s"] == pytest.approx(mfr.d_s(fused, pan, lms, ctx.ratio), abs=1e-10)
+            assert abs(fr.loc[i, "d_s_mtf"] - fr.loc[i, "d_s"]) > 0.01, (method, i)
+            assert fr.loc[i, "hqnr_mtf"] == pytest.approx((1 - fr.loc[i, "d_lambda"]) * (1 - variant), abs=1e-9)
+            assert fr.loc[i, "hqnr_mtf"] != pytest.approx(fr.loc[i, "hqnr"], abs=1e-3)
+        idx = res[method]["indices"]["fr"]
+        for k in FR_MTF_KEYS:
+            assert idx[k]["mean"] == pytest.approx(fr[k].mean(), rel=1e-9)
+            assert idx[k]["std"] == pytest.approx(fr[k].std(ddof=0), rel=1e-6)
+    pw, resw = worldview
+    for method, m in resw.items():
+        assert not set(FR_MTF_KEYS) & set(m["indices"]["fr"]) and not set(FR_MTF_KEYS) & set(index_stats(m))
+        assert not set(FR_MTF_KEYS) & set(pd.read_csv(Path(pw.paths.reports) / "wv2" / method / "tiles.csv").columns)

@@ -108,6 +108,28 @@ def test_full_resolution_combines_the_indices(wv2, injected) -> None:
         injected, pan, ms_exp, GAINS, RATIO)
 
 
+def test_full_resolution_keeps_the_toolbox_d_s_and_adds_the_mtf_variant(wv2, injected) -> None:
+    """pan_degradation='mtf' never changes d_s / hqnr / qnr (the toolbox's, bicubic PAN_L); it adds d_s_mtf
+    (PAN_L = interp23(decimate(MTF_PAN(PAN)))) and hqnr_mtf = (1 - d_lambda)(1 - d_s_mtf)."""
+    ms_exp, pan = wv2["ms_exp"], wv2["pan"]
+    pan_gain = 0.11  # WorldView-2
+    for fused in (ms_exp, injected):
+        base = mfr.full_resolution(fused, pan, ms_exp, GAINS, RATIO)
+        m = mfr.full_resolution(fused, pan, ms_exp, GAINS, RATIO, pan_degradation="mtf", pan_gain=pan_gain)
+        assert list(m) == ["d_lambda", "d_s", "hqnr", "qnr", "d_lambda_qnr", "d_s_mtf", "hqnr_mtf"]
+        assert {k: m[k] for k in base} == base
+        pan_l = wald.interp23(wald.decimate(wald.mtf_filter(pan, pan_gain, RATIO), RATIO), RATIO)
+        expected = np.mean([abs(uiqi_loop(f, pan) - uiqi_loop(b, pan_l)) for f, b in zip(fused, ms_exp, strict=True)])
+        assert m["d_s_mtf"] == pytest.approx(expected, rel=1e-10)
+        assert m["d_s_mtf"] == mfr.d_s(fused, pan, ms_exp, RATIO, pan_degradation="mtf", pan_gain=pan_gain)
+        assert abs(m["d_s_mtf"] - m["d_s"]) > 1e-3
+        assert m["hqnr_mtf"] == pytest.approx((1 - m["d_lambda"]) * (1 - m["d_s_mtf"]), abs=1e-15)
+    with pytest.raises(ValueError, match="pan_gain"):
+        mfr.full_resolution(ms_exp, pan, ms_exp, GAINS, RATIO, pan_degradation="mtf")
+    with pytest.raises(ValueError, match="pan_degradation must be one of"):
+        mfr.full_resolution(ms_exp, pan, ms_exp, GAINS, RATIO, pan_degradation="gauss")
+
+
 def test_uiqi_blocks_pure_gain(wv2) -> None:
     x = wv2["ms_exp"][2]
     assert mfr.uiqi_blocks(x, 0.6 * x) == pytest.approx((2 * 0.6 / (1 + 0.36)) ** 2, abs=1e-12)

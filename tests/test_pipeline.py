@@ -48,6 +48,11 @@ def test_stage_list_wiring():
     pre, bp = by_name["pretrain_prior_landsat8"], by_name["train_landsat8_bnnpan"]
     assert "models/landsat8/prior.pt" in pre.outs and "models/landsat8/prior.pt" in bp.deps
     assert "prior" in bp.params and "prior" not in tr.params and not any("prior" in d for d in tr.deps)
+    # the thread count changes float results (bnnpan.environment): a param of every stage that runs torch or
+    # records it in metrics.json; a network's evaluation also depends on the device (recorded there too)
+    assert all("threads" in s.params for s in (pre, bp, tr, ev, by_name["evaluate_landsat8_exp"]))
+    assert "device" in ev.params and "device" not in by_name["evaluate_landsat8_exp"].params
+    assert "threads" not in prep.params and all("bnnpan/environment.py" in s.deps for s in (tr, ev, pre))
     assert "reports/figures/landsat8_subbands.png" in stages[-1].plots
     assert fetch.outs[0] in prep.deps  # prepare consumes what fetch writes
     assert prep.cmd == ("bnnpan", "prepare", "--dataset", "landsat8")

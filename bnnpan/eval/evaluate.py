@@ -11,12 +11,24 @@ Writes into ``reports/<dataset>/<method>/``:
 * ``metrics.json`` (a DVC metrics file, kept in git): only figures that are the same on every
   re-run of the same inputs, nested so that the quality indices come first and the cost second
   (``dvc metrics show`` sorts the flattened keys alphabetically, ``dvc exp show`` keeps the file's
-  order, and both agree on this one)::
+  order, and both agree on indices, cost, run environment, setup)::
 
       {"indices": {"rr": {"psnr": {"mean", "std"}, "sam", "ergas", "q2n", "scc", "q"},
-                   "fr": {"d_lambda": {"mean", "std"}, "d_s", "hqnr", "qnr"}},
+                   "fr": {"d_lambda": {"mean", "std"}, "d_s", "hqnr", "qnr",
+                          "d_s_mtf", "hqnr_mtf"}},                        # _mtf: pan_degradation mtf only
        "network_cost": {"64": {...}, "256": {...}, "file": {...}},      # networks only
-       "setup": {"n_tiles": {"rr", "fr"}, "dataset", "method", "kind", "sensor", ...}}
+       "setup": {"n_tiles": {"rr", "fr"}, "dataset", "method", "kind", "sensor", ...},
+       "run_environment": {"cpu", "cpu_count", "threads", "threads_source", "device", "gpu", "torch",
+                           "cuda", "numpy", "python", "platform", "machine"}}
+
+  ``d_s``, ``hqnr`` and ``qnr`` are the toolbox's on every dataset (D_s's low-pass PAN from the bicubic
+  shrink, protocol.md). A dataset prepared with ``pan_degradation: mtf`` also gets our variant,
+  ``d_s_mtf`` and ``hqnr_mtf`` (:func:`bnnpan.eval.metrics_fr.full_resolution`), in ``indices.fr`` after
+  the four and as ``tiles.csv`` columns after the others; a ``bicubic`` dataset has neither.
+  ``run_environment`` (:mod:`bnnpan.environment`) states what the float results depend on: the thread
+  count (params' ``threads``, applied here), CPU, library versions, device. Named so that it sorts after
+  the indices and the cost in ``dvc metrics show``; it holds no time or host name, so it is the same on
+  every run on one machine.
 
 * ``timing.json`` (not tracked by git or DVC): the wall-clock fusion time of every tile and their
   median per resolution. It depends on the machine and its load, so it changes on every run; it
@@ -56,17 +68,21 @@ from rasterio.errors import NotGeoreferencedWarning
 from bnnpan.atomic import atomic_dir, write_text
 from bnnpan.config import ConfigError, Params
 from bnnpan.data.hdf5io import HDF5Error, read_attrs, validate_h5
+from bnnpan.environment import apply_threads, run_environment
 from bnnpan.eval.metrics_fr import full_resolution
 from bnnpan.eval.metrics_rr import reduced_resolution, smallest_tile
 from bnnpan.models.registry import KIND, MethodContext, build_method
 from bnnpan.sensors import get_sensor
 
 RR_KEYS = ("psnr", "sam", "ergas", "q2n", "scc", "q")
-FR_KEYS = ("d_lambda", "d_s", "hqnr", "qnr")
+FR_KEYS = ("d_lambda", "d_s", "hqnr", "qnr")  # the toolbox's, on every dataset
+FR_MTF_KEYS = ("d_s_mtf", "hqnr_mtf")  # our MTF variant, only on datasets with pan_degradation: mtf
 METRIC_KEYS = RR_KEYS + FR_KEYS
-# metrics.json groups, in file order; also the alphabetical order `dvc metrics show` sorts them into.
-INDICES, COST, SETUP = "indices", "network_cost", "setup"
+# metrics.json groups, in file order: indices, network_cost, setup is also the alphabetical order
+# `dvc metrics show` sorts them into; environment comes last in the file (first alphabetically).
+INDICES, COST, SETUP, ENVIRONMENT = "indices", "network_cost", "setup", "run_environment"
 GROUP_KEYS = {"rr": RR_KEYS, "fr": FR_KEYS}
+OPTIONAL_KEYS = {"rr": (), "fr": FR_MTF_KEYS}  # after GROUP_KEYS[g] where present
 RESOLUTION_GROUP = {"reduced": "rr", "full": "fr"}  # tiles.csv's `resolution` -> indices group
 TIMING_FILE = "timing.json"  # volatile: gitignored, not a DVC output
 log = logging.getLogger(__name__)
@@ -142,6 +158,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     attrs = read_attrs(rr_path)
     ctx = method_context(attrs)
     network = method in params.train.methods
+    _, threads_source = apply_threads(params.threads)
     if network:
         from bnnpan.models.checkpoint import NetworkFuser
 
@@ -150,8 +167,11 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
         fuser = build_method(method, ctx)
     needs_ref = bool(getattr(fuser, "needs_reference", False))  # oracle prior: reduced resolution only
     scenes = list(attrs["scenes"])
-    # D_s degrades the PAN the way the dataset was prepared (see metrics_fr.d_s).
+    # d_s is the toolbox's (bicubic PAN_L) on every dataset; a dataset prepared with the MTF PAN degradation
+    # also gets d_s_mtf / hqnr_mtf (PAN_L made the way its PAN_lr was; see metrics_fr.d_s).
     pan_degradation = (attrs.get("settings") or {}).get("pan_degradation", "bicubic")
+    keys = METRIC_KEYS + (FR_MTF_KEYS if pan_degradation == "mtf" else ())
+    group_keys = {g: k + (OPTIONAL_KEYS[g] if pan_degradation == "mtf" else ()) for g, k in GROUP_KEYS.items()}
     crs_by_scene = attrs.get("crs") or {}
     out_dir = Path(out_dir or Path(params.paths.reports) / dataset / method)
     rows: list[dict[str, Any]] = []
@@ -193,7 +213,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
                     scene = scenes[int(f["scene_index"][i])]
                     r, c, h, w = (int(v) for v in f["window"][i])
                     rows.append({"resolution": res, "tile": i, "scene": scene, "window_row": r, "window_col": c,
-                                 **{k: m.get(k) for k in METRIC_KEYS}})
+                                 **{k: m.get(k) for k in keys}})
                     if cfg.save_fused:
                         _write_tif(tmp_fused / f"{'rr' if res == 'reduced' else 'fr'}_{i:03d}.tif", fused,
                                    [float(v) for v in f["geotransform"][i]], crs_by_scene.get(scene), ctx.bands)
@@ -201,12 +221,12 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
                     if progress:
                         progress(f"{dataset}/{method} {res} tile {i}", done, total)
 
-    table = pd.DataFrame(rows, columns=["resolution", "tile", "scene", "window_row", "window_col", *METRIC_KEYS])
+    table = pd.DataFrame(rows, columns=["resolution", "tile", "scene", "window_row", "window_col", *keys])
     indices: dict[str, dict[str, Any]] = {}
     for res, group in RESOLUTION_GROUP.items():
         sel = table.loc[table.resolution == res]
         indices[group] = {k: {kk: _json_float(v) for kk, v in _summary(sel[k].tolist()).items()}
-                          for k in GROUP_KEYS[group]}
+                          for k in group_keys[group]}
     metrics: dict[str, Any] = {INDICES: indices}
     if network:
         metrics[COST] = network_cost(fuser.model, len(ctx.bands))
@@ -217,9 +237,11 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
         "ratio": ctx.ratio, "scale": ctx.scale, "bands": list(ctx.bands),
         "rgb": [int(x) for x in attrs.get("rgb", [])],
         "border_cut": cfg.border_cut, "block": cfg.block, "psnr_peak": ctx.scale,
-        "d_s_pan_degradation": pan_degradation,
+        "pan_degradation": pan_degradation,  # the dataset's PAN_lr; "mtf": indices.fr has d_s_mtf, hqnr_mtf
+        "d_s_pan_degradation": "bicubic",  # d_s / hqnr / qnr: the toolbox's PAN_L, on every dataset
         "std": "population std over test tiles",
     }
+    metrics[ENVIRONMENT] = run_environment(fuser.device if network else "cpu", threads_source)
     timing = {
         "note": "wall-clock fusion time per tile on this machine (volatile: not in git or DVC; logged to MLflow)",
         "device": params.device,
@@ -233,10 +255,18 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
 
 
 def index_stats(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{index: {"mean", "std"}}`` for every index of a metrics.json dictionary, RR then FR (flat view)."""
+    """``{index: {"mean", "std"}}`` for every index of a metrics.json dictionary, RR then FR (flat view).
+
+    Every index of :data:`GROUP_KEYS` (``{"mean": None, "std": None}`` when absent), then the optional ones
+    (:data:`OPTIONAL_KEYS`: ``d_s_mtf``, ``hqnr_mtf``) that the file has.
+    """
     groups = metrics.get(INDICES) or {}
-    return {k: dict((groups.get(g) or {}).get(k) or {"mean": None, "std": None})
-            for g, keys in GROUP_KEYS.items() for k in keys}
+    out = {}
+    for g, keys in GROUP_KEYS.items():
+        group = groups.get(g) or {}
+        for k in keys + tuple(k for k in OPTIONAL_KEYS[g] if k in group):
+            out[k] = dict(group.get(k) or {"mean": None, "std": None})
+    return out
 
 
 def network_cost(model: Any, in_channels: int, sizes: tuple[int, ...] = (64, 256)) -> dict[str, Any]:

@@ -13,7 +13,10 @@ resolution; the HQNR of the toolbox of Vivone et al.); no toolbox code is used. 
   mean over blocks, without the special cases of :func:`bnnpan.eval.metrics_rr.q_index`: a block
   where both images are flat (or both all zero) is 0/0 = NaN, as in the reference toolbox, and
   the NaN propagates to the index (a ``RuntimeWarning`` says how many blocks). Tiles with
-  nodata must be excluded by the caller (or the NaN reported), never silently averaged away.
+  nodata must be excluded by the caller (or the NaN reported), never silently averaged away;
+* ``d_s``, ``hqnr`` and ``qnr`` are always the toolbox's (D_s's low-pass PAN from the bicubic
+  shrink), whatever a dataset's ``pan_degradation``; our MTF variant of D_s is reported beside
+  them as ``d_s_mtf`` / ``hqnr_mtf`` (:func:`full_resolution`), never in their place.
 
 References
 ----------
@@ -51,6 +54,7 @@ __all__ = [
 
 ArrayLike = npt.ArrayLike
 FloatArray = npt.NDArray[np.float64]
+PAN_DEGRADATIONS = ("bicubic", "mtf")  # how D_s's PAN_L is made: the toolbox's, our variant
 
 
 def _check_blocks(shape: tuple[int, ...], block: int, name: str) -> None:
@@ -201,6 +205,20 @@ def _pan_image(pan: ArrayLike, shape: tuple[int, ...]) -> FloatArray:
     return p
 
 
+def _pan_low(p: FloatArray, ratio: int, pan_degradation: str, pan_gain: float | None) -> FloatArray:
+    """``PAN_L = interp23(degrade(PAN, R), R)``: the bicubic shrink (toolbox) or MTF_PAN + decimation."""
+    if pan_degradation not in PAN_DEGRADATIONS:
+        raise ValueError(f"pan_degradation must be one of {PAN_DEGRADATIONS}, got {pan_degradation!r}")
+    if pan_degradation == "mtf" and pan_gain is None:
+        raise ValueError("d_s: pan_degradation='mtf' needs the sensor's pan_gain")
+    return wald.interp23(wald.degrade_pan(p, ratio, pan_degradation, gain=pan_gain), ratio)
+
+
+def _d_s_from(q_high: FloatArray, m: FloatArray, pan_l: FloatArray, block: int) -> float:
+    q_low = _mean_blocks(_uiqi_block_map(m, pan_l[np.newaxis], block), "D_s Q(ms_exp_b, PAN_L)")
+    return float(np.mean(np.abs(q_high - q_low)))
+
+
 def d_s(
     fused: ArrayLike,
     pan: ArrayLike,
@@ -222,12 +240,14 @@ def d_s(
     ``interp23`` the 23-tap interpolator (:mod:`bnnpan.data.wald`). The expanded MS against
     the low-pass PAN gives the inter-scale relation the fused image should keep against the
     PAN. Blocks flat in both images give NaN (see the module docstring). Lower is better.
+    With the default ``pan_degradation="bicubic"`` this is the toolbox's D_s (protocol.md), the
+    index reported as ``d_s`` on every dataset.
 
-    ``pan_degradation="mtf"`` (our option, default off) builds ``PAN_L`` with the PAN's MTF
-    filter and decimation at offset R/2 instead of the bicubic shrink, matching a dataset
-    prepared that way. At ratio 2 on Landsat, where PAN and MS pixel *centres* coincide, the
-    bicubic shrink sits a quarter MS pixel off the MS grid, so ``Q(ms_exp_b, PAN_L)`` drops for
-    misregistration alone and D_s rewards methods that add no detail (EXP).
+    ``pan_degradation="mtf"`` is our variant (reported as ``d_s_mtf`` beside it, never instead):
+    ``PAN_L`` from the PAN's MTF filter and decimation at offset R/2, matching a dataset prepared
+    that way. At ratio 2 on Landsat, where PAN and MS pixel *centres* coincide, the bicubic shrink
+    sits a quarter MS pixel off the MS grid, so the toolbox's ``Q(ms_exp_b, PAN_L)`` drops for
+    misregistration alone and its D_s rewards methods that add no detail (EXP).
 
     Parameters
     ----------
@@ -241,6 +261,10 @@ def d_s(
         Resolution ratio (a power of two, for ``interp23``).
     block : int, default 32
         Block side.
+    pan_degradation : {'bicubic', 'mtf'}, default 'bicubic'
+        How ``PAN_L`` is made: the toolbox's bicubic shrink, or our MTF variant.
+    pan_gain : float, optional
+        The PAN's Nyquist gain, required for ``pan_degradation="mtf"``.
 
     Returns
     -------
@@ -250,16 +274,14 @@ def d_s(
     Raises
     ------
     ValueError
-        On mismatching shapes, sides not multiples of ``block``, or a bad ratio.
+        On mismatching shapes, sides not multiples of ``block``, a bad ratio, an unknown
+        ``pan_degradation``, or ``"mtf"`` without ``pan_gain``.
     """
     f, m, b = _fr_inputs(fused, ms_exp, block)
     p = _pan_image(pan, f.shape)
-    if pan_degradation == "mtf" and pan_gain is None:
-        raise ValueError("d_s: pan_degradation='mtf' needs the sensor's pan_gain")
-    pan_l = wald.interp23(wald.degrade_pan(p, ratio, pan_degradation, gain=pan_gain), ratio)
+    pan_l = _pan_low(p, ratio, pan_degradation, pan_gain)
     q_high = _mean_blocks(_uiqi_block_map(f, p[np.newaxis], b), "D_s Q(fused_b, PAN)")
-    q_low = _mean_blocks(_uiqi_block_map(m, pan_l[np.newaxis], b), "D_s Q(ms_exp_b, PAN_L)")
-    return float(np.mean(np.abs(q_high - q_low)))
+    return _d_s_from(q_high, m, pan_l, b)
 
 
 def _pairwise_q(img: FloatArray, block: int, what: str) -> FloatArray:
@@ -319,14 +341,21 @@ def full_resolution(
     ::
 
         d_lambda     = d_lambda_khan(fused, ms_exp, ms_gains, ratio, block)
-        d_s          = d_s(fused, pan, ms_exp, ratio, block, pan_degradation, pan_gain)
+        d_s          = d_s(fused, pan, ms_exp, ratio, block)   (PAN_L: bicubic shrink, the toolbox's)
         hqnr         = (1 - d_lambda) (1 - d_s)            (Arienzo et al. 2022, toolbox HQNR)
         d_lambda_qnr = d_lambda_qnr(fused, ms_exp, block)
         qnr          = (1 - d_lambda_qnr) (1 - d_s)        (Alparone et al. 2008)
 
+    ``d_s``, ``hqnr`` and ``qnr`` are always the toolbox's (protocol.md), whatever the dataset's PAN
+    degradation. For a dataset whose reduced-resolution PAN was made by the MTF filter
+    (``pan_degradation="mtf"``) our variant is added under its own keys::
+
+        d_s_mtf      = d_s(fused, pan, ms_exp, ratio, block, "mtf", pan_gain)
+        hqnr_mtf     = (1 - d_lambda) (1 - d_s_mtf)
+
     Everything is on the PAN grid and the DN scale; no border is cut. ``H`` and ``W`` must be
     multiples of ``block``. Flat (nodata) blocks make ``d_s``, ``d_lambda_qnr``, ``hqnr`` and
-    ``qnr`` NaN (with a ``RuntimeWarning``).
+    ``qnr`` (and the ``_mtf`` keys) NaN (with a ``RuntimeWarning``).
 
     Parameters
     ----------
@@ -342,26 +371,41 @@ def full_resolution(
         Resolution ratio.
     block : int, default 32
         Block side.
+    pan_degradation : {'bicubic', 'mtf'}, default 'bicubic'
+        The dataset's PAN degradation: ``"mtf"`` adds ``d_s_mtf`` and ``hqnr_mtf``.
+    pan_gain : float, optional
+        The PAN's Nyquist gain, required for ``pan_degradation="mtf"``.
 
     Returns
     -------
     dict[str, float]
-        Keys ``d_lambda``, ``d_s``, ``hqnr``, ``qnr``, ``d_lambda_qnr``.
+        Keys ``d_lambda``, ``d_s``, ``hqnr``, ``qnr``, ``d_lambda_qnr`` (then ``d_s_mtf``, ``hqnr_mtf``
+        with ``pan_degradation="mtf"``).
 
     Raises
     ------
     ValueError
-        On bad or mismatching shapes, sides not multiples of ``block``, bad gains or ratio.
+        On bad or mismatching shapes, sides not multiples of ``block``, bad gains or ratio, an
+        unknown ``pan_degradation``, or ``"mtf"`` without ``pan_gain``.
     """
     f, m, b = _fr_inputs(fused, ms_exp, block)
-    _pan_image(pan, f.shape)
+    p = _pan_image(pan, f.shape)
+    if pan_degradation not in PAN_DEGRADATIONS:
+        raise ValueError(f"pan_degradation must be one of {PAN_DEGRADATIONS}, got {pan_degradation!r}")
+    variants = {"d_s": "bicubic", **({"d_s_mtf": "mtf"} if pan_degradation == "mtf" else {})}
+    pan_low = {k: _pan_low(p, ratio, how, pan_gain) for k, how in variants.items()}  # checks before the work
     dl = d_lambda_khan(f, m, ms_gains, ratio, b)
-    ds = d_s(f, pan, m, ratio, b, pan_degradation, pan_gain)
+    q_high = _mean_blocks(_uiqi_block_map(f, p[np.newaxis], b), "D_s Q(fused_b, PAN)")  # shared by both D_s
+    ds = {k: _d_s_from(q_high, m, pl, b) for k, pl in pan_low.items()}
     dlq = d_lambda_qnr(f, m, b)
-    return {
+    out = {
         "d_lambda": dl,
-        "d_s": ds,
-        "hqnr": (1.0 - dl) * (1.0 - ds),
-        "qnr": (1.0 - dlq) * (1.0 - ds),
+        "d_s": ds["d_s"],
+        "hqnr": (1.0 - dl) * (1.0 - ds["d_s"]),
+        "qnr": (1.0 - dlq) * (1.0 - ds["d_s"]),
         "d_lambda_qnr": dlq,
     }
+    if "d_s_mtf" in ds:
+        out["d_s_mtf"] = ds["d_s_mtf"]
+        out["hqnr_mtf"] = (1.0 - dl) * (1.0 - ds["d_s_mtf"])
+    return out

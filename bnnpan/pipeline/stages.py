@@ -32,10 +32,12 @@ IMPORT_CODE = ["bnnpan/data/pancollection.py", "bnnpan/data/prepare.py", "bnnpan
                "bnnpan/data/scene.py", "bnnpan/data/sources.py", "bnnpan/data/download.py", "bnnpan/sensors.py",
                "bnnpan/eval/metrics_rr.py"]
 EVALUATE_CODE = ["bnnpan/eval/evaluate.py", "bnnpan/eval/metrics_rr.py", "bnnpan/eval/metrics_fr.py",
-                 "bnnpan/models/registry.py", "bnnpan/models/classical.py", "bnnpan/data/wald.py"]
+                 "bnnpan/models/registry.py", "bnnpan/models/classical.py", "bnnpan/data/wald.py",
+                 "bnnpan/environment.py"]
 REPORT_CODE = ["bnnpan/report/build.py"]
 TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datasets.py", "bnnpan/models/networks.py",
-              "bnnpan/models/backbone.py", "bnnpan/models/layers.py", "bnnpan/models/binarizers.py"]
+              "bnnpan/models/backbone.py", "bnnpan/models/layers.py", "bnnpan/models/binarizers.py",
+              "bnnpan/environment.py"]
 BNNPAN_CODE = ["bnnpan/models/bnnpan.py", "bnnpan/models/pibf.py", "bnnpan/models/prior.py",
                "bnnpan/models/wavelet.py"]
 PRIOR_CODE = TRAIN_CODE + BNNPAN_CODE + ["bnnpan/train/prior.py"]
@@ -159,7 +161,7 @@ def _build(params: Params) -> list[Stage]:
             name=f"pretrain_prior_{ds}",
             cmd=("bnnpan", "pretrain-prior", "--dataset", ds),
             deps=tuple(PRIOR_CODE + [f"{p.prepared}/{ds}"]),
-            params=("seed", "device", "model", "train.defaults", "prior"),
+            params=("seed", "device", "threads", "model", "train.defaults", "prior"),
             outs=(f"{p.models}/{ds}/prior_stage1.pt", f"{p.models}/{ds}/prior.pt"),
             plots=(f"{p.models}/{ds}/prior_stage1_curve.csv", f"{p.models}/{ds}/prior_curve.csv"),
             resources={"train": 1},
@@ -173,7 +175,7 @@ def _build(params: Params) -> list[Stage]:
             cmd=("bnnpan", "train", "--dataset", ds, "--method", method),
             deps=tuple(TRAIN_CODE + (BNNPAN_CODE if family else []) + [f"{p.prepared}/{ds}"]
                        + ([f"{p.models}/{ds}/prior.pt"] if method in prior_methods else [])),
-            params=("seed", "device", "model", "train.defaults", f"train.methods.{method}",
+            params=("seed", "device", "threads", "model", "train.defaults", f"train.methods.{method}",
                     *(("prior",) if method in prior_methods else ())),
             outs=(ckpt,),
             plots=(f"{p.models}/{ds}/{method}_curve.csv",),
@@ -193,7 +195,9 @@ def _build(params: Params) -> list[Stage]:
             name=f"evaluate_{ds}_{method}",
             cmd=("bnnpan", "evaluate", "--dataset", ds, "--method", method),
             deps=tuple(EVALUATE_CODE + extra_deps + [f"{p.prepared}/{ds}"]),
-            params=("evaluate.border_cut", "evaluate.block", "evaluate.save_fused"),
+            # threads (and a network's device) are recorded in metrics.json's environment block
+            params=(*(("device",) if network else ()), "threads", "evaluate.border_cut", "evaluate.block",
+                    "evaluate.save_fused"),
             outs=(f"{out}/fused", f"{out}/tiles.csv"),
             metrics=(f"{out}/metrics.json",),
             dirs=(f"{out}/fused",),

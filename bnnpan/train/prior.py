@@ -25,6 +25,7 @@ import torch
 
 from bnnpan.config import Params
 from bnnpan.data.hdf5io import read_attrs
+from bnnpan.environment import resolve_threads, run_environment
 from bnnpan.models.bnnpan import BNNPanNet, BNNPanSwitches
 from bnnpan.train.loop import CheckpointError, TrainConfig, load_checkpoint, train
 from bnnpan.train.run import _threads, prior_file
@@ -66,10 +67,11 @@ def pretrain_prior(params: Params, dataset: str, *, track: bool = True, resume: 
     out2 = prior_file(params, dataset)
     out2.parent.mkdir(parents=True, exist_ok=True)
     common = {"dataset": dataset, "seed": params.seed, "width": params.model.width, "depth": params.model.depth,
-              "zero_init_tail": params.model.zero_init_tail, "data": manifest["files"]["train.h5"]["sha256"]}
+              "zero_init_tail": params.model.zero_init_tail, "data": manifest["files"]["train.h5"]["sha256"],
+              "threads": resolve_threads(params.threads)[0]}  # bit-for-bit resume needs the same thread count
     d1 = _digest({**common, "stage": 1, "switches": asdict(sw1), "train": rec1})
     scale = float(attrs["scale"])
-    _threads()
+    _, threads_source = _threads(params)
 
     def meta(name: str, s: BNNPanSwitches) -> dict[str, Any]:
         return {"name": name, "in_channels": channels, "width": params.model.width, "depth": params.model.depth,
@@ -109,8 +111,10 @@ def pretrain_prior(params: Params, dataset: str, *, track: bool = True, resume: 
     if not track:
         return run(None)
     from bnnpan import tracking
+    from bnnpan.devices import resolve_device
 
     with tracking.stage_run(params, f"pretrain_prior_{dataset}", {"dataset": dataset, "method": "bnnpan_prior"}):
+        tracking.log_environment(run_environment(resolve_device(params.device), threads_source))
         tracking.log_params({"dataset": dataset, "seed": params.seed, "device": params.device,
                              **{f"prior.{k}": v for k, v in pc.model_dump().items()},
                              **{f"switches.{k}": v for k, v in sw1.to_dict().items() if k != "ldpc"},

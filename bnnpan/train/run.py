@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,18 @@ import torch
 
 from bnnpan.config import Params
 from bnnpan.data.hdf5io import read_attrs
+from bnnpan.environment import apply_threads, resolve_threads, run_environment
 from bnnpan.models.networks import NetConfig, build_network
 from bnnpan.train.loop import CheckpointError, TrainConfig, load_checkpoint, train
 
 
-def _threads() -> None:
-    # Small convolutions on a shared 2-core machine: oversubscribed threads are ~100x slower.
-    n = int(os.environ.get("BNNPAN_THREADS", "0")) or (os.cpu_count() or 1)
-    torch.set_num_threads(n)
+def _threads(params: Params) -> tuple[int, str]:
+    """Apply params' ``threads`` (bnnpan.environment.resolve_threads: null = $BNNPAN_THREADS, else every CPU).
+
+    Small convolutions on a shared 2-core machine: oversubscribed threads are ~100x slower; and another
+    count changes the float summation order, hence the weights (bnnpan.environment).
+    """
+    return apply_threads(params.threads)
 
 
 def prior_file(params: Params, dataset: str) -> Path:
@@ -52,11 +55,13 @@ def train_method(params: Params, dataset: str, method: str, *, track: bool = Tru
             raise CheckpointError(f"{prior_path}: {method} needs the pretrained latent prior; run "
                                     f"`bnnpan pretrain-prior --dataset {dataset}` first")
         prior_sha = hashlib.sha256(prior_path.read_bytes()).hexdigest()
+    # The thread count is in the digest: a checkpoint is continued bit for bit only with the same count.
     digest = hashlib.sha256(json.dumps({
         "method": method, "network": network, "dataset": dataset, "net": asdict(net_cfg), "train": recipe,
         "seed": params.seed, "data": manifest["files"]["train.h5"]["sha256"], "prior": prior_sha,
+        "threads": resolve_threads(params.threads)[0],
     }, sort_keys=True, default=str).encode()).hexdigest()
-    _threads()
+    _, threads_source = _threads(params)
     torch.manual_seed(params.seed)
     model = build_network(network, net_cfg)
     if prior_path is not None:
@@ -72,8 +77,10 @@ def train_method(params: Params, dataset: str, method: str, *, track: bool = Tru
     if not track:
         return train(model, prepared / "train.h5", prepared / "valid.h5", tcfg, out, **kwargs)
     from bnnpan import tracking
+    from bnnpan.devices import resolve_device
 
     with tracking.stage_run(params, f"train_{dataset}_{method}", {"dataset": dataset, "method": method}):
+        tracking.log_environment(run_environment(resolve_device(params.device), threads_source))
         tracking.log_params({"method": method, "network": network, "dataset": dataset, "seed": params.seed,
                              "device": params.device,
                              **{f"model.{k}": v for k, v in asdict(net_cfg).items() if k != "extra"},
