@@ -132,7 +132,7 @@ def test_top_level_plots_cover_every_trained_method_and_curves_are_cached(params
     one plot each (and the prior's stages on a third); the indices per method from reports/metrics.csv. The
     curve CSVs are cached outs (`dvc checkout` restores them), not per-stage plots drawn one by one."""
     from bnnpan.pipeline.stages import dvc_yaml
-    from bnnpan.report.build import METRICS
+    from bnnpan.report.load import METRICS
 
     params = load_params(REPO / params_file)
     stages = build_stages(params)
@@ -208,7 +208,7 @@ def test_dvc_plots_show_draws_the_cross_method_plots_offline(tmp_path):
     import csv
     import shutil
 
-    from bnnpan.report.build import METRICS
+    from bnnpan.report.load import METRICS
 
     params = load_params(REPO / "params.yaml")
     doc = yaml.safe_load((REPO / "dvc.yaml").read_text())

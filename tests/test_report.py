@@ -24,7 +24,9 @@ from rasterio.transform import Affine
 from scipy import ndimage
 
 from bnnpan.data.hdf5io import write_h5
-from bnnpan.report.build import METRICS, best_methods, build_report
+from bnnpan.report.build import build_report
+from bnnpan.report.load import METRICS
+from bnnpan.report.tables import best_methods
 
 try:
     from tests.landsat_tiles import landsat_tiles

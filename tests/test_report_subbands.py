@@ -31,7 +31,8 @@ from rasterio.transform import Affine
 from scipy import ndimage
 
 from bnnpan.data.hdf5io import write_h5
-from bnnpan.report.build import build_report, subband_error_energy
+from bnnpan.report.build import build_report
+from bnnpan.report.subbands import subband_error_energy
 
 try:
     from tests.landsat_tiles import landsat_tiles

@@ -33,7 +33,8 @@ IMPORT_CODE = ["bnnpan/data/pancollection.py", "bnnpan/data/prepare.py", "bnnpan
                "bnnpan/eval/metrics_rr.py"]
 EVALUATE_CODE = ["bnnpan/eval/evaluate.py", "bnnpan/eval/metrics_rr.py", "bnnpan/eval/metrics_fr.py",
                  "bnnpan/models/registry.py", "bnnpan/models/classical.py", "bnnpan/data/wald.py"]
-REPORT_CODE = ["bnnpan/report/build.py"]
+REPORT_CODE = ["bnnpan/report/__init__.py", "bnnpan/report/build.py", "bnnpan/report/load.py",
+               "bnnpan/report/subbands.py", "bnnpan/report/tables.py", "bnnpan/report/figures.py"]
 TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datasets.py", "bnnpan/models/networks.py",
               "bnnpan/models/backbone.py", "bnnpan/models/layers.py", "bnnpan/models/binarizers.py"]
 BNNPAN_CODE = ["bnnpan/models/bnnpan.py", "bnnpan/models/pibf.py", "bnnpan/models/prior.py",

@@ -1,7 +1,17 @@
 """The report stage: tables and figures for every evaluated method.
 
+Modules, by responsibility: :mod:`~bnnpan.report.load` reads what ``bnnpan evaluate`` and
+``bnnpan prepare`` wrote (with clear errors), :mod:`~bnnpan.report.subbands` the sub-band error
+analysis, :mod:`~bnnpan.report.tables` the markdown, :mod:`~bnnpan.report.figures` the matplotlib
+figures, and :mod:`~bnnpan.report.build` the entry point that ties them together.
+
 Constants shared with the stage list live here (importing them does not load matplotlib).
 """
 
 #: methods whose per-sub-band error energy the report draws (fp vs its plain-BNN twin vs BNNPan)
 SUBBAND_METHODS = ("fp", "bnn", "bnnpan")
+#: the full-precision network (the upper bound; not a binary method)
+FP_METHOD = "fp"
+#: the proposed network, and the name prefix of its ablation variants (``bnnpan_no_ldpc``, ...)
+PROPOSED = "bnnpan"
+ABLATION_PREFIX = "bnnpan_"
