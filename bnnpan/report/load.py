@@ -4,7 +4,8 @@
   "setup": {...}}`` (:func:`load_metrics`). Keys this module does not know (an index added by a later
   evaluator, an ``environment`` block) are ignored, not an error; a file without the ``indices`` group
   (the older flat layout) is.
-* ``reports/<D>/<M>/tiles.csv``: one row per test tile and resolution (:func:`load_tiles`).
+* ``reports/<D>/<M>/tiles.csv``: one row per test tile and resolution (:func:`load_tiles`), read per
+  index as ``{(tile, seed): value}`` for the paired statistics (:func:`per_tile`).
 * ``data/prepared/<D>/{test_rr.h5, manifest.json}``: the ground truth and PAN of one reduced-resolution
   tile (:func:`read_tile`), the tile count (:func:`n_test_tiles`), the scenes' licences
   (:func:`load_manifest`); ``reports/<D>/<M>/fused/rr_NNN.tif``: a fused tile (:func:`read_fused`).
@@ -26,6 +27,7 @@ import pandas as pd
 import rasterio
 
 from bnnpan.data.hdf5io import h5_errors, open_h5
+from bnnpan.report import is_binary
 
 # (key, label, higher_is_better), in table order.
 METRICS: list[tuple[str, str, bool]] = [
@@ -45,6 +47,7 @@ FULL_METRICS = ("d_lambda", "d_s", "hqnr", "qnr")
 # The groups of metrics.json (bnnpan.eval.evaluate writes them; not imported, so that this stage
 # depends on this file alone): indices.rr / indices.fr, network_cost (networks only), setup.
 INDICES, COST, SETUP = "indices", "network_cost", "setup"
+SEED_COLUMN = "seed"  # tiles.csv: the training seed of the row (optional; 0 when absent: one run per method)
 
 
 def num(v: Any) -> float | None:
@@ -89,11 +92,57 @@ def setup(m: dict[str, Any]) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
+def binary_methods(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
+    """The binary networks, in order: ``setup.kind == "network"``, not ``fp`` and not a ``bnnpan_*`` ablation."""
+    return [m for m in methods if is_binary(m, setup(results[m]).get("kind") == "network")]
+
+
 def load_tiles(path: Path) -> pd.DataFrame | None:
-    """The per-tile indices of one (dataset, method); None when the file does not exist."""
+    """The per-tile indices of one (dataset, method); None when the file does not exist.
+
+    Needs the columns ``resolution`` ("reduced" / "full") and ``tile`` (an integer); ``seed`` (an
+    integer, the training seed of a network) is optional and 0 when absent, so that one
+    ``(resolution, tile, seed)`` names one row. Index columns are optional (a missing one has no
+    per-tile values) and columns this module does not know are ignored. A file that cannot be
+    parsed, lacks a needed column or repeats a ``(resolution, tile, seed)`` is a :class:`ValueError`.
+    """
     if not path.is_file():
         return None
-    return pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV ({e}); re-run `bnnpan evaluate`") from None
+    missing = [c for c in ("resolution", "tile") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: needs the column(s) {missing}, has {list(df.columns)}; re-run `bnnpan evaluate`")
+    if SEED_COLUMN not in df.columns:
+        df[SEED_COLUMN] = 0
+    for c in ("tile", SEED_COLUMN):
+        v = pd.to_numeric(df[c], errors="coerce")
+        if v.isna().any() or (v != v.round()).any():
+            raise ValueError(f"{path}: column `{c}` must hold integers; re-run `bnnpan evaluate`")
+        df[c] = v.astype(int)
+    dup = df.duplicated(["resolution", "tile", SEED_COLUMN])
+    if dup.any():
+        row = df[dup].iloc[0]
+        raise ValueError(f"{path}: more than one row for resolution {row['resolution']}, tile {row['tile']}, "
+                         f"seed {row[SEED_COLUMN]}; re-run `bnnpan evaluate`")
+    return df
+
+
+def per_tile(tiles: pd.DataFrame | None, key: str) -> dict[tuple[int, int], float] | None:
+    """Index ``key`` per test tile, ``{(tile, seed): value}``, from a frame of :func:`load_tiles`.
+
+    The rows of the resolution the index is computed at: ``reduced`` for PSNR, SAM, ERGAS, Q2n, SCC
+    and Q, ``full`` for D_λ, D_s, HQNR and QNR (the two are different sets of tiles). Missing and NaN
+    values are left out; None when there is no frame or no column ``key`` (no per-tile values).
+    """
+    if tiles is None or key not in tiles.columns:
+        return None
+    rows = tiles[tiles["resolution"] == ("reduced" if key in REDUCED_METRICS else "full")]
+    values = pd.to_numeric(rows[key], errors="coerce")
+    return {(int(t), int(s)): float(v) for t, s, v in zip(rows["tile"], rows[SEED_COLUMN], values, strict=True)
+            if pd.notna(v)}
 
 
 def load_manifest(path: Path) -> dict[str, Any]:

@@ -14,7 +14,21 @@ from typing import Any
 import pandas as pd
 
 from bnnpan.report import ABLATION_PREFIX, FP_METHOD, PROPOSED
-from bnnpan.report.load import COST, METRICS, num, setup, stat
+from bnnpan.report.load import COST, METRICS, REDUCED_METRICS, num, setup, stat
+from bnnpan.report.stats import (
+    ALPHA,
+    BEST_BINARY_INDICES,
+    CONFIDENCE,
+    HIGHER_IS_BETTER,
+    LABELS,
+    N_RESAMPLES,
+    SEED,
+    STATS_INDICES,
+    DatasetStats,
+    Lead,
+    PairedDiff,
+    min_attainable_p,
+)
 from bnnpan.report.subbands import SUBBANDS, Subbands, ratios_to_fp
 
 DECIMALS = {"psnr": 2, "sam": 3, "ergas": 3}  # the Q-type indices (in [0, 1]): 4
@@ -53,13 +67,30 @@ def _cell(mean: float | None, std: float | None, key: str) -> str:
     return f"{fmt(mean, key)} ± {fmt(std, key)}"
 
 
-def best_methods(means: dict[str, float | None], key: str, higher_is_better: bool) -> set[str]:
-    """The methods whose mean is best for ``key`` at the displayed precision (ties: all of them)."""
-    shown = {m: round(v, decimals(key)) if math.isfinite(v) else v for m, v in means.items() if v is not None}
-    if not shown:
-        return set()
-    target = max(shown.values()) if higher_is_better else min(shown.values())
-    return {m for m, v in shown.items() if v == target}
+def claimed_winner(ld: Lead) -> str | None:
+    """The method a table may mark as best on ``ld.key``: the leader, when its lead over the runner-up is
+    significant (:attr:`bnnpan.report.stats.Lead.winner`) and visible at the shown precision; else None."""
+    w, ru = ld.winner, ld.runner_up
+    if w is None or ru is None:
+        return None
+    shown = [round(ld.means[m], decimals(ld.key)) if math.isfinite(ld.means[m]) else ld.means[m] for m in (w, ru)]
+    return w if shown[0] != shown[1] else None
+
+
+def winners(leads: dict[str, Lead]) -> dict[str, set[str]]:
+    """Per index, the set of methods to mark as best (empty or one method)."""
+    return {key: {w} if (w := claimed_winner(ld)) else set() for key, ld in leads.items()}
+
+
+def _no_winner(ld: Lead) -> str:
+    """Why ``ld`` names no winner: "tied within noise (n pairs)", or no per-tile values, or a tie at the shown
+    precision."""
+    d = ld.diff
+    if d is None or d.n == 0:
+        return "no paired per-tile values to test the lead"
+    if ld.winner is not None:
+        return "tied at the shown precision"
+    return f"tied within noise ({d.n} pair{'s' if d.n != 1 else ''})"
 
 
 def md(text: str) -> str:
@@ -79,41 +110,156 @@ def _cost_cells(cost: dict[str, Any] | None) -> list[str]:
             " / ".join("n/a" if v is None else f"{v / 1e3:.1f}" for v in sizes)]
 
 
-def results_table(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
+def results_table(methods: list[str], results: dict[str, dict[str, Any]], best: dict[str, set[str]]) -> list[str]:
+    """The main table: a row per method, mean ± std per index (``best[key]`` in bold), then the cost columns."""
     head = (["Method", "Kind"] + [f"{label} {arrow(up)}" for _, label, up in METRICS]
             + ["Params (K eq.)", "OPs (M) 64² / 256²", "packed / FP32 file (kB)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(head) - 2)) + "|"]
-    best = {
-        key: best_methods({m: stat(results[m], key)[0] for m in methods}, key, up) for key, _, up in METRICS
-    }
     for m in methods:
         r = results[m]
         cells = [md(m), md(setup(r).get("kind", ""))]
         for key, _, _ in METRICS:
             c = _cell(*stat(r, key), key)
-            cells.append(f"**{c}**" if m in best[key] else c)
+            cells.append(f"**{c}**" if m in best.get(key, ()) else c)
         cells += _cost_cells(r.get(COST))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def binary_methods(methods: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
-    """The binary networks, in order: ``info.kind == "network"``, not ``fp`` and not a ``bnnpan_*`` ablation."""
-    return [m for m in methods if setup(results[m]).get("kind") == "network"
-            and m != FP_METHOD and not m.startswith(ABLATION_PREFIX)]
+def ties_line(leads: dict[str, Lead]) -> str | None:
+    """Under the main table: the columns without a bold mark and why ("tied within noise (2 pairs): PSNR dB,
+    ..."); None when every column with two or more values has a winner."""
+    groups: dict[str, list[str]] = {}
+    for key, label, _ in METRICS:
+        ld = leads[key]
+        if ld.runner_up is not None and claimed_winner(ld) is None:
+            groups.setdefault(_no_winner(ld), []).append(label)
+    if not groups:
+        return None
+    return ("Columns without a bold mark (the leader's lead over the runner-up is not significant): "
+            + "; ".join(f"{why}: {', '.join(labels)}" for why, labels in groups.items()) + ".")
 
 
-def best_binary_line(methods: list[str], results: dict[str, dict[str, Any]]) -> str | None:
-    """"Best binary method: Q2n X (0.xxxx), ERGAS Y (x.xxx)" (ties at the shown precision: all named)."""
-    binary = binary_methods(methods, results)
-    if not binary:
+def best_binary_line(st: DatasetStats) -> str | None:
+    """"Best binary method: Q2n X (...), ERGAS ..." naming a binary network only where its lead over the
+    runner-up is significant, else "Q2n tied within noise (n pairs): X 0.xxxx, runner-up Y 0.xxxx"."""
+    if not st.binary:
         return None
     parts = []
-    for key, label, up in (("q2n", "Q2n", True), ("ergas", "ERGAS", False)):
-        means = {m: stat(results[m], key)[0] for m in binary}
-        best = [m for m in binary if m in best_methods(means, key, up)]
-        parts.append(f"{label} {' = '.join(map(md, best))} ({fmt(means[best[0]], key)})" if best else f"{label} n/a")
-    return "Best binary method: " + ", ".join(parts) + "."
+    for key in BEST_BINARY_INDICES:
+        ld, label = st.binary_leads[key], LABELS[key]
+        if ld.leader is None:
+            parts.append(f"{label} n/a")
+            continue
+        value = f"{md(ld.leader)} {fmt(ld.means[ld.leader], key)}"
+        if ld.runner_up is None:
+            only = "the only binary network" + (" with a value" if len(st.binary) > 1 else "")
+            parts.append(f"{label} {value} ({only})")
+            continue
+        runner_up = f"runner-up {md(ld.runner_up)} {fmt(ld.means[ld.runner_up], key)}"
+        if claimed_winner(ld) is not None:
+            assert ld.diff is not None
+            parts.append(f"{label} {value} ({runner_up}; Δ {_diff_text(ld.diff, key)}, {ld.diff.n} pairs)")
+        else:
+            parts.append(f"{label} {_no_winner(ld)}: {value}, {runner_up}")
+    return "Best binary method: " + "; ".join(parts) + "."
+
+
+def _signed(v: float, key: str) -> str:
+    """A difference at one decimal more than the index's table precision, always signed."""
+    return f"{v:+.{decimals(key) + 1}f}"
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _diff_text(d: PairedDiff, key: str) -> str:
+    """"+0.00020 [-0.00010, +0.00050], p 0.500" (the note appended when there is one); "n/a (why)" without pairs."""
+    if d.mean is None:
+        return f"n/a ({d.note})"
+    if d.ci is None and d.p is None:
+        return f"{_signed(d.mean, key)} ({d.note})"
+    ci = "n/a" if d.ci is None else f"{_signed(d.ci[0], key)}, {_signed(d.ci[1], key)}"
+    text = f"{_signed(d.mean, key)} [{ci}], p {_p(d.p)}"
+    return f"{text} ({d.note})" if d.note else text
+
+
+def _diff_cell(d: PairedDiff | None, key: str) -> str:
+    if d is None:
+        return "n/a"
+    text = _diff_text(d, key)
+    return f"**{text}**" if d.significant else text
+
+
+def _n_text(ns: list[int]) -> str:
+    lo, hi = min(ns), max(ns)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def stats_section(dataset: str, st: DatasetStats) -> list[str]:
+    """The "Paired comparisons" section: each binary network against the leading binary network of each of
+    Q2n, ERGAS, SAM and HQNR and against fp, with the figure; [] when there is nothing to compare."""
+    if not st.due:
+        return []
+    diffs = [d for group in (st.vs_leader, st.vs_fp) for per in group.values() for d in per.values()]
+    n_rr = [d.n for g in (st.vs_leader, st.vs_fp) for k, per in g.items() if k in REDUCED_METRICS
+            for d in per.values() if d.n]
+    n_fr = [d.n for g in (st.vs_leader, st.vs_fp) for k, per in g.items() if k not in REDUCED_METRICS
+            for d in per.values() if d.n]
+    pairs = ", ".join(f"{_n_text(ns)} {what}" for ns, what in ((n_rr, "reduced-resolution (Q2n, ERGAS, SAM)"),
+                                                               (n_fr, "full-resolution (HQNR)")) if ns)
+    n_max = max((d.n for d in diffs), default=0)
+    limit = ""
+    if n_max == 1:
+        limit = " With one pair there is no interval and no test: no difference here can be significant."
+    elif n_max >= 2 and min_attainable_p(n_max) >= ALPHA:
+        limit = (f" With {n_max} pair{'s' if n_max != 1 else ''} the signed-rank test cannot go below "
+                 f"p = {min_attainable_p(n_max):.3g}, so no difference here can be significant (that needs at least "
+                 f"{_min_pairs()} pairs).")
+    lines = [
+        "### Paired comparisons of the binary networks",
+        "",
+        "Per test tile, Δ = method − reference (pairs keyed by (tile, training seed); one seed per method, so "
+        "pairs = tiles; Q2n, ERGAS and SAM over the reduced-resolution tiles, HQNR over the full-resolution "
+        f"ones). Each cell: the mean Δ, its {CONFIDENCE * 100:g} % bootstrap confidence interval "
+        f"(`scipy.stats.bootstrap`, paired, percentile, {N_RESAMPLES} resamples, seed {SEED}) and the "
+        "two-sided Wilcoxon signed-rank p-value (`scipy.stats.wilcoxon`). ↑: Δ > 0 favours the method, "
+        f"↓: Δ < 0 does. **Bold**: significant (p < {ALPHA:g} and the interval excludes 0)."
+        + (f" Pairs: {pairs}." if pairs else "") + limit,
+        "",
+    ]
+    cols = [(key, LABELS[key], HIGHER_IS_BETTER[key]) for key in STATS_INDICES]
+    if len(st.binary) >= 2:
+        leaders = {key: st.binary_leads[key].leader for key in STATS_INDICES}
+        head = ["Method"] + [f"{label} {arrow(up)} vs {md(leaders[k]) if leaders[k] else 'n/a'}"
+                             for k, label, up in cols]
+        lines += ["Against the leading binary network of each index (the best mean; Δ = method − leader):", "",
+                  "| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * len(cols)) + "|"]
+        for m in st.binary:
+            cells = [md(m)] + ["(leader)" if leaders[k] == m else _diff_cell(st.vs_leader.get(k, {}).get(m), k)
+                               for k, _, _ in cols]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if st.has_fp:
+        head = ["Method"] + [f"{label} {arrow(up)}" for _, label, up in cols]
+        lines += [f"Against full precision (Δ = method − {FP_METHOD}):", "",
+                  "| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * len(cols)) + "|"]
+        for m in st.binary:
+            lines.append("| " + " | ".join([md(m)] + [_diff_cell(st.vs_fp.get(k, {}).get(m), k) for k, _, _ in cols])
+                         + " |")
+        lines.append("")
+    lines += [f"![{dataset}: paired differences with {CONFIDENCE * 100:g} % confidence intervals]"
+              f"(figures/{dataset}_stats.png)", ""]
+    return lines
+
+
+def _min_pairs() -> int:
+    """The fewest non-zero differences with which the signed-rank test can reach p < ALPHA."""
+    n = 1
+    while min_attainable_p(n) >= ALPHA:
+        n += 1
+    return n
 
 
 def _plain(mean: float | None, key: str) -> str:
@@ -167,8 +313,12 @@ HOW_TO_READ = """\
 ## How to read this report
 
 Each dataset has one table: a row per method, a column per quality index, each cell the
-**mean ± std over the test tiles**; ↑ means higher is better, ↓ lower is better, and the best
-value of each column (at the shown precision; ties are all marked) is in **bold**.
+**mean ± std over the test tiles**; ↑ means higher is better, ↓ lower is better. The best value
+of a column is in **bold** only when its lead over the runner-up is significant, tested on the
+paired per-tile values (Wilcoxon signed-rank p < 0.05 and a 95 % bootstrap confidence interval of
+the mean difference that excludes 0) and visible at the shown precision; a line under the table
+names the columns without a winner ("tied within noise (n pairs)": n test tiles are too few, or
+the lead is within the tile-to-tile spread).
 The first six indices (PSNR, SAM, ERGAS, Q2n, SCC, Q) are computed at **reduced resolution**
 with Wald's protocol: PAN and MS are degraded by the resolution ratio, fused, and compared
 against the *original MS as ground truth*. The last four (D_λ, D_s, HQNR, QNR) are computed at
@@ -185,12 +335,17 @@ params (thousands of FP32-equivalent parameters), OPs = BOPs / 64 + FLOPs (milli
 packed 8 per byte against the FP32 state_dict; classical methods show —. Fusion times depend on
 the machine and change from run to run, so they are not in this report: each method's
 `timing.json` beside its `metrics.json`, and its MLflow run, have them. Under each table, "Best
-binary method" names the binary network that ranks first on Q2n and on ERGAS (the bold marks are
-usually won by the full-precision `fp`; the `bnnpan_*` ablations are left out of that ranking but
-stay in the table). Each dataset ends with a
-bar chart of the indices (error bars = std) and a visual comparison of one test tile: the RGB
-composites share the ground truth's 2-98 % stretch, and the error maps (|fused - GT| averaged over
-bands, in DN) share one colour scale. Where `fp`, `bnn` or `bnnpan` was evaluated, a sub-band
+binary method" names the binary network that ranks first on Q2n and on ERGAS when its lead over
+the runner-up is significant by the same test, and says "tied within noise (n pairs)" otherwise
+(the bold marks are usually won by the full-precision `fp`; the `bnnpan_*` ablations are left out
+of that ranking but stay in the table). Then come a bar chart of the indices (error bars = std)
+and a visual comparison of one test tile: the RGB composites share the ground truth's 2-98 %
+stretch, and the error maps (|fused - GT| averaged over bands, in DN) share one colour scale.
+A "Paired comparisons" section gives, for every binary network against the leading binary network
+of each of Q2n, ERGAS, SAM and HQNR and against `fp`, the mean per-tile difference, its 95 %
+bootstrap confidence interval and the Wilcoxon p-value, with a figure of the intervals (reduced-
+and full-resolution test tiles are different sets: HQNR pairs over the full-resolution ones).
+Where `fp`, `bnn` or `bnnpan` was evaluated, a sub-band
 section splits their error by a one-level Haar wavelet transform into LL (smooth content) and
 LH/HL/HH (details) to test the premise that binarization loses the details relatively more; where
 `bnnpan` and its `bnnpan_*` variants were evaluated, an ablation table gives each variant's change
