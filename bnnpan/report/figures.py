@@ -1,0 +1,348 @@
+"""The report's figures (matplotlib, Agg backend): indices per method, the visual comparison, sub-bands.
+
+Each function draws one figure from the loaded inputs and saves it atomically with
+:func:`save_fig`: at most about a megapixel (the report lives in git) and without the matplotlib
+version in the PNG metadata, so the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from bnnpan.atomic import atomic_path  # noqa: E402
+from bnnpan.report import FP_METHOD, SUBBAND_METHODS  # noqa: E402
+from bnnpan.report.load import METRICS, REDUCED_METRICS, Visual, setup, stat  # noqa: E402
+from bnnpan.report.stats import (  # noqa: E402
+    CONFIDENCE,
+    HIGHER_IS_BETTER,
+    LABELS,
+    STATS_INDICES,
+    DatasetStats,
+    PairedDiff,
+)
+from bnnpan.report.subbands import SUBBANDS, Subbands, ratios_to_fp  # noqa: E402
+from bnnpan.report.tables import arrow, fmt  # noqa: E402
+
+PNG_METADATA = {"Software": None}  # no matplotlib version in the PNGs: same inputs, same bytes
+DPI = 110
+VISUAL_COLUMNS = 6  # panels per row of the visual comparison (GT + 5 methods)
+
+
+def save_fig(fig: plt.Figure, path: Path, max_pixels: float = 1.0e6) -> Path:
+    """Save at DPI, lowered when needed so the PNG stays under ``max_pixels`` (image grids of many
+    methods are large and compress badly: the report lives in git)."""
+    w, h = fig.get_size_inches()
+    dpi = min(DPI, (max_pixels / (w * h)) ** 0.5)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, metadata=PNG_METADATA)
+        return path
+    finally:
+        plt.close(fig)
+
+
+def metrics_figure(dataset: str, methods: list[str], results: dict[str, dict[str, Any]], best: dict[str, set[str]],
+                   path: Path) -> Path:
+    """One bar chart per index (error bars = std); ``best[key]`` (a significant winner) outlined in black."""
+    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    longest = max(len(m) for m in methods)
+    width = max(13.0, 5 * (0.6 + 0.36 * len(methods)))
+    fig, axes = plt.subplots(2, 5, figsize=(width, 6.0 + 0.11 * longest))
+    x = np.arange(len(methods))
+    small = len(methods) <= 6  # value labels fit horizontally
+    for ax, (key, label, up) in zip(axes.ravel(), METRICS, strict=True):
+        stats = [stat(results[m], key) for m in methods]
+        means = np.array([s[0] if s[0] is not None and math.isfinite(s[0]) else np.nan for s in stats])
+        stds = np.array([s[1] if s[1] is not None and math.isfinite(s[1]) else 0.0 for s in stats])
+        winner = best.get(key, set())
+        bars = ax.bar(
+            x, np.nan_to_num(means), yerr=np.where(np.isnan(means), np.nan, stds), capsize=3,
+            color=[colours(i % colours.N) for i in range(len(methods))],
+            edgecolor=["black" if m in winner else "none" for m in methods], linewidth=1.6,
+            error_kw={"elinewidth": 1, "ecolor": "0.25"},
+        )
+        for i, (b, (mean, _)) in enumerate(zip(bars, stats, strict=True)):
+            if mean is None or not math.isfinite(mean):
+                text = "n/a" if mean is None else fmt(mean, key)
+                ax.text(
+                    i, 0.02, text, ha="center", va="bottom", fontsize=8 if mean is None else 12, color="0.3",
+                    fontweight="bold" if methods[i] in winner else "normal",
+                    transform=ax.get_xaxis_transform(),  # x in data, y in axes fraction
+                )
+                b.set_visible(False)
+        finite = means[np.isfinite(means)]
+        if finite.size:
+            lo = float(np.min(finite - stds[np.isfinite(means)]))
+            hi = float(np.max(finite + stds[np.isfinite(means)]))
+            if key == "psnr" and lo > 0:  # PSNR differences are small against its size: zoom in
+                pad = 0.15 * (hi - lo) + 0.5
+                ax.set_ylim(max(0.0, lo - pad), hi + pad * (1.0 if small else 2.0))
+            else:
+                ax.set_ylim(min(0.0, lo * 1.1), hi * (1.15 if small else 1.3) if hi > 0 else 1.0)
+        ax.set_title(f"{label} {arrow(up)}", fontsize=11, fontweight="bold", loc="left")
+        ax.set_title("RR" if key in REDUCED_METRICS else "FR", fontsize=8, color="0.4", loc="right")
+        for i, (mean, std) in enumerate(stats):
+            if mean is not None and math.isfinite(mean):
+                ax.annotate(
+                    fmt(mean, key), (i, mean + (std if std is not None and math.isfinite(std) else 0.0)),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=7 if small else 6, rotation=0 if small else 90, color="0.2",
+                )
+        ax.set_xticks(x)
+        ax.set_xticklabels(methods, rotation=40, ha="right", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.suptitle(
+        f"{dataset}: mean ± std over the test tiles    RR = reduced resolution (Wald protocol, "
+        "reference = original MS); FR = full resolution (no reference); black outline = best with a significant "
+        "lead over the runner-up (paired over the tiles, see summary.md)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return save_fig(fig, path)
+
+
+def _grouped_bars(ax: plt.Axes, groups: list[str], series: dict[str, list[float | None]], colour: dict[str, Any],
+                  fmt: str) -> None:
+    """One group of bars per entry of ``groups``, one bar per series; None is drawn as "n/a"."""
+    k = len(series)
+    width = 0.8 / max(k, 1)
+    x = np.arange(len(groups))
+    for j, (name, values) in enumerate(series.items()):
+        pos = x + (j - (k - 1) / 2) * width
+        heights = [np.nan if v is None or not math.isfinite(v) else v for v in values]
+        ax.bar(pos, np.nan_to_num(heights), width, label=name, color=colour[name])
+        for xi, v in zip(pos, values, strict=True):
+            text = "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
+            y = v if v is not None and math.isfinite(v) and v > 0 else None
+            if y is None:
+                ax.text(xi, 0.02, text, ha="center", va="bottom", fontsize=7, color="0.3", rotation=90,
+                        transform=ax.get_xaxis_transform())
+            else:
+                ax.annotate(text, (xi, y), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                            fontsize=7 if k <= 3 else 6, rotation=0 if k <= 2 else 90, color="0.2")
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups)
+    positive = [v for vs in series.values() for v in vs if v is not None and math.isfinite(v) and v > 0]
+    if positive and len(positive) == sum(len(vs) for vs in series.values()):
+        ax.set_yscale("log")
+        lo, hi = min(positive), max(positive)
+        ax.set_ylim(lo / 2, hi * (4 if k > 2 else 2))
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def subband_figure(dataset: str, sb: Subbands, path: Path) -> Path:
+    """Left: mean error energy per Haar sub-band per method; right: each method's energy / fp's, per band."""
+    colours = plt.get_cmap("tab10")
+    colour = {m: colours(SUBBAND_METHODS.index(m) % colours.N) for m in sb.methods}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.8))
+    _grouped_bars(left, list(SUBBANDS), {m: [sb.energy[m][s] for s in SUBBANDS] for m in sb.methods}, colour, ".3g")
+    left.set_title("error energy per sub-band (DN² per pixel, log scale)", fontsize=10, loc="left")
+    others = [m for m in sb.methods if m != FP_METHOD]
+    if FP_METHOD in sb.methods and others:
+        ratios = {m: ratios_to_fp(sb, m) for m in others}
+        groups = [*SUBBANDS, "LH/HL/HH\nmean"]
+        _grouped_bars(right, groups, {m: [ratios[m][s] for s in (*SUBBANDS, "detail")] for m in others}, colour,
+                      ".2f")
+        right.axhline(1.0, color="0.3", lw=1, ls="--")
+        right.axvline(3.5, color="0.6", lw=0.8, ls=":")
+        right.set_title("energy / fp's energy in the same band (> 1: loses more than fp)", fontsize=10, loc="left")
+    else:
+        why = "fp was not evaluated" if FP_METHOD not in sb.methods else "no method besides fp"
+        right.text(0.5, 0.5, f"no ratio to full precision:\n{why}", ha="center", va="center", fontsize=11,
+                   color="0.3", transform=right.transAxes)
+        right.set_xticks([])
+        right.set_yticks([])
+    fig.suptitle(
+        f"{dataset}: one-level Haar DWT of the error (fused − GT), mean over {sb.n_tiles} reduced-resolution "
+        f"test tiles, border cut {sb.cut} px; LL = smooth content, LH/HL/HH = details",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return save_fig(fig, path)
+
+
+def _stretch(a: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return np.clip((a - lo[:, None, None]) / np.maximum(hi - lo, 1e-12)[:, None, None], 0.0, 1.0)
+
+
+def _rgb_indices(attrs: dict[str, Any], info: dict[str, Any], n_bands: int) -> list[int]:
+    for rgb in (attrs.get("rgb"), info.get("rgb")):
+        if isinstance(rgb, (list, tuple)) and len(rgb) == 3 and all(0 <= int(i) < n_bands for i in rgb):
+            return [int(i) for i in rgb]
+    return [2, 1, 0] if n_bands >= 3 else [0, 0, 0]
+
+
+def _tile_scores(tiles: pd.DataFrame | None, tile: int) -> dict[str, float]:
+    if tiles is None or not {"resolution", "tile"} <= set(tiles.columns):
+        return {}
+    row = tiles[(tiles["resolution"] == "reduced") & (tiles["tile"] == tile)]
+    if row.empty:
+        return {}
+    return {k: float(row.iloc[0][k]) for k in ("q2n", "ergas") if k in row.columns and pd.notna(row.iloc[0][k])}
+
+
+def _tile_scene(tiles: dict[str, pd.DataFrame | None], tile: int) -> str | None:
+    for df in tiles.values():
+        if df is not None and {"resolution", "tile", "scene"} <= set(df.columns):
+            row = df[(df["resolution"] == "reduced") & (df["tile"] == tile)]
+            if not row.empty and pd.notna(row.iloc[0]["scene"]):
+                return str(row.iloc[0]["scene"])
+    return None
+
+
+def visual_figure(
+    dataset: str,
+    methods: list[str],
+    results: dict[str, dict[str, Any]],
+    tiles: dict[str, pd.DataFrame | None],
+    visual: Visual,
+    path: Path,
+) -> Path:
+    gt, pan, attrs, fused, tile = visual.gt, visual.pan, visual.attrs, visual.fused, visual.tile
+    info = setup(results[methods[0]])
+    rgb = _rgb_indices(attrs, info, gt.shape[0])
+
+    lo = np.percentile(gt[rgb], 2, axis=(1, 2))
+    hi = np.percentile(gt[rgb], 98, axis=(1, 2))
+    errors = {m: np.abs(f - gt).mean(axis=0) for m, f in fused.items()}
+    all_err = np.concatenate([e.ravel() for e in errors.values()])
+    vmax = float(np.percentile(all_err, 99.5)) if all_err.size else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    plo, phi = np.percentile(pan, [2, 98])
+
+    # Panels: (GT, PAN) then (method RGB, method error), wrapped every VISUAL_COLUMNS panels.
+    n_panels = 1 + len(methods)
+    ncol = min(n_panels, VISUAL_COLUMNS)
+    nblock = -(-n_panels // ncol)
+    side = 2.7
+    fig, axes = plt.subplots(
+        2 * nblock, ncol, figsize=(side * ncol + 0.9, 2 * nblock * side + 0.6 + 0.4 * nblock),
+        squeeze=False, layout="constrained",
+    )
+
+    def slot(k: int) -> tuple[plt.Axes, plt.Axes]:
+        r, c = divmod(k, ncol)
+        return axes[2 * r, c], axes[2 * r + 1, c]
+
+    scene = _tile_scene(tiles, tile)
+    top, bottom = slot(0)
+    top.imshow(np.moveaxis(_stretch(gt[rgb], lo, hi), 0, -1), interpolation="nearest")
+    top.set_title("ground truth (RGB)\n" + (f"scene {scene}" if scene else f"tile {tile}"), fontsize=9)
+    bottom.imshow(np.clip((pan - plo) / max(phi - plo, 1e-12), 0, 1), cmap="gray", interpolation="nearest")
+    bottom.set_title("PAN (degraded input)", fontsize=9)
+    cut = info.get("border_cut") or 0
+    im = None
+    error_axes = []
+    for k, m in enumerate(methods, start=1):
+        top, bottom = slot(k)
+        top.imshow(np.moveaxis(_stretch(fused[m][rgb], lo, hi), 0, -1), interpolation="nearest")
+        s = _tile_scores(tiles.get(m), tile)
+        score = "  ".join(
+            f"{lab} {fmt(s[key], key)}" for key, lab in (("q2n", "Q2n"), ("ergas", "ERGAS")) if key in s
+        )
+        top.set_title(f"{m}\n{score}" if score else m, fontsize=9)
+        im = bottom.imshow(errors[m], cmap="inferno", vmin=0, vmax=vmax, interpolation="nearest")
+        bottom.set_title(f"|{m} − GT|", fontsize=9)
+        error_axes.append(bottom)
+        h, w = errors[m].shape
+        if 0 < cut and 2 * cut < min(h, w):
+            bottom.add_patch(
+                Rectangle((cut - 0.5, cut - 0.5), w - 2 * cut, h - 2 * cut, fill=False, ls="--", lw=0.8, ec="cyan")
+            )
+    for k in range(n_panels, nblock * ncol):
+        for ax in slot(k):
+            ax.set_visible(False)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if im is not None:
+        cb = fig.colorbar(im, ax=error_axes, shrink=0.9 if nblock == 1 else 0.6, pad=0.01, extend="max")
+        cb.set_label("mean |error| over bands (DN)", fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+    band_names = info.get("bands") or attrs.get("bands") or []
+    rgb_txt = "/".join(str(band_names[i]) for i in rgb) if len(band_names) > max(rgb) else str(rgb)
+    fig.suptitle(
+        f"{dataset}, reduced-resolution test tile {tile}: RGB = {rgb_txt}, GT 2-98 % stretch for all"
+        + (f"; dashed = {cut} px border cut" if cut else ""),
+        fontsize=10,
+    )
+    return save_fig(fig, path)
+
+
+def _interval_panel(ax: plt.Axes, key: str, rows: list[str], diffs: dict[str, PairedDiff], fixed: dict[str, str],
+                    title: str) -> None:
+    """Dot (mean Δ) and bar (confidence interval) per row, top to bottom; ``fixed`` rows show a text instead."""
+    y = np.arange(len(rows))[::-1]
+    for yi, m in zip(y, rows, strict=True):
+        d = diffs.get(m)
+        if m in fixed or d is None or d.mean is None:
+            text = fixed.get(m) or ("n/a" if d is None else f"n/a ({d.note})")
+            ax.text(0.5, yi, text, ha="center", va="center", fontsize=7, color="0.4",
+                    transform=ax.get_yaxis_transform())
+            continue
+        colour = "C3" if d.significant else "0.35"
+        if d.ci is not None:
+            ax.plot(d.ci, [yi, yi], color=colour, lw=2.2, solid_capstyle="butt")
+        ax.plot([d.mean], [yi], "o", color=colour, ms=5)
+        p = "n/a" if d.p is None else "<0.001" if d.p < 0.001 else f"{d.p:.3f}"
+        ax.annotate(f"p {p}", (1.0, yi), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", ha="left", va="center", fontsize=7, color=colour)
+    ax.axvline(0.0, color="0.2", lw=0.9, ls="--")
+    ax.set_yticks(y)
+    ax.set_yticklabels(rows, fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    up = HIGHER_IS_BETTER[key]
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_xlabel(f"Δ {LABELS[key]} ({'> 0' if up else '< 0'}: method better)", fontsize=8)
+
+
+def stats_figure(dataset: str, st: DatasetStats, path: Path) -> Path:
+    """The paired comparisons as dot-and-interval plots: a column per index of STATS_INDICES, a row against the
+    leading binary network (when there are two or more) and a row against fp (when it was evaluated); red = a
+    significant difference."""
+    kinds = (["leader"] if len(st.binary) >= 2 else []) + (["fp"] if st.has_fp else [])
+    rows = st.binary
+    fig, axes = plt.subplots(len(kinds), len(STATS_INDICES), squeeze=False,
+                             figsize=(3.6 * len(STATS_INDICES) + 0.6, len(kinds) * (0.32 * len(rows) + 1.5) + 0.8))
+    for r, kind in enumerate(kinds):
+        for c, key in enumerate(STATS_INDICES):
+            ax = axes[r, c]
+            label = f"{LABELS[key]} {arrow(HIGHER_IS_BETTER[key])}"
+            if kind == "leader":
+                leader = st.binary_leads[key].leader
+                diffs = st.vs_leader.get(key, {})
+                fixed = {leader: "(leader)"} if leader else {}
+                title = f"{label}: method − {leader or 'n/a'} (leader)"
+            else:
+                diffs, fixed, title = st.vs_fp.get(key, {}), {}, f"{label}: method − fp"
+            _interval_panel(ax, key, rows, diffs, fixed, title)
+    ns = sorted({d.n for g in (st.vs_leader, st.vs_fp) for per in g.values() for d in per.values() if d.n})
+    pairs = "" if not ns else f"; pairs per comparison: {ns[0]}" + (f"-{ns[-1]}" if ns[-1] != ns[0] else "")
+    fig.suptitle(
+        f"{dataset}: paired per-tile differences of the binary networks; dot = mean Δ, bar = {CONFIDENCE * 100:g} % "
+        f"bootstrap CI, p = Wilcoxon signed-rank{pairs}; red = significant (p < 0.05, CI excludes 0)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return save_fig(fig, path)
+
