@@ -384,9 +384,19 @@ class TrainSection(Strict):
         default_factory=dict, description="networks to train (name -> overrides or {})"
     )
     datasets: list[str] | None = Field(None, description="datasets to train on; default: all")
+    seeds: list[Annotated[int, Field(strict=True, ge=0)]] = Field(
+        default_factory=lambda: [0], min_length=1,
+        description="training seeds: one train and one evaluate stage per (method, seed); seed 0 keeps the plain "
+        "names (train_<D>_<M>, models/<D>/<M>.pt, reports/<D>/<M>/), seed s > 0 adds `_seed<s>` (run_name)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainSection:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"train.seeds has duplicates: {self.seeds}")
+        for m in self.methods:
+            if SEED_SUFFIX_RE.search(m):
+                raise ValueError(f"train.methods.{m}: a method name must not end in _seed<N> (the suffix of a "
+                                 "seed's runs)")
         for m in [None, *self.methods]:
             r = self.resolved(m) if m else self.defaults.model_dump()
             if r["warmup"] >= r["iterations"]:
@@ -452,10 +462,29 @@ class TrackingConfig(Strict):
     artifact_dir: str = Field("mlartifacts", description="artifact root inside the repo")
 
 
+SEED_SUFFIX_RE = re.compile(r"_seed\d+$")
+
+
+def run_name(method: str, seed: int) -> str:
+    """The name of one training run of ``method``: its stage suffix, checkpoint and report folder.
+
+    Seed 0 keeps the method's plain name, so that a single-seed study (the default ``train.seeds: [0]``)
+    has the paths it always had and adding seeds re-runs nothing that exists; seed ``s > 0`` is
+    ``<method>_seed<s>`` (``train_landsat8_fp_seed1``, ``models/landsat8/fp_seed1.pt``,
+    ``reports/landsat8/fp_seed1/``).
+    """
+    return method if seed == 0 else f"{method}_seed{seed}"
+
+
+def split_run_name(name: str) -> tuple[str, int]:
+    """``(method, seed)`` of a :func:`run_name`."""
+    m = SEED_SUFFIX_RE.search(name)
+    return (name[: m.start()], int(m.group()[5:])) if m else (name, 0)
+
+
 class Params(Strict):
     """The whole ``params.yaml``."""
 
-    seed: int = 0
     device: str = Field("cpu", description="cpu | cuda (the current GPU) | cuda:N; checked again at run time")
     threads: Annotated[int, Field(strict=True, ge=1)] | None = Field(
         None, description="torch intra-op threads of train, pretrain-prior and evaluate (float results depend on "
@@ -469,6 +498,14 @@ class Params(Strict):
     prior: PriorConfig = PriorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "seed" in raw:
+            raise ValueError(f"seed: moved to train.seeds (a list of training seeds), e.g. train: {{seeds: "
+                             f"[{raw['seed']}]}}")
+        return raw
 
     @field_validator("device")
     @classmethod
