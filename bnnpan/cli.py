@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bnnpan.config import ConfigError, load_params
+from bnnpan.config import ConfigError, load_params, run_name
 
 app = typer.Typer(
     help="bnnpan: binarized pan-sharpening pipeline (fetch, prepare, ... on real satellite scenes).",
@@ -97,6 +97,19 @@ def _errors(fn: F) -> F:
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False, disable=not console.is_terminal and "CI" in os.environ)
+
+
+SeedOpt = typer.Option(None, "--seed", "-s", help="training seed(s) from train.seeds; default: all of them")
+
+
+def _seeds(p: Any, asked: list[int] | None, params: Path) -> list[int]:
+    """The training seeds a command runs: those asked for (each must be in ``train.seeds``), else all."""
+    if not asked:
+        return list(p.train.seeds)
+    unknown = [s for s in asked if s not in p.train.seeds]
+    if unknown:
+        raise ConfigError(f"{params}: seed(s) {unknown} are not in train.seeds {p.train.seeds}")
+    return list(dict.fromkeys(asked))
 
 
 def _select(asked: list[str] | None, defined: dict[str, Any], kind: str, params: Path) -> list[str]:
@@ -190,6 +203,7 @@ def train(
     params: Path = ParamsOpt,
     no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow"),
     resume: bool = typer.Option(True, help="continue from models/<dataset>/<method>.ckpt when its params match"),
+    seed: list[int] = SeedOpt,
 ) -> None:
     """Train networks with the one training loop (same recipe for every method).
 
@@ -204,9 +218,10 @@ def train(
     if not pairs:
         raise ConfigError(f"{params}: nothing to train for method(s) {method or 'all'} on dataset(s) "
                           f"{dataset or 'all'}; train.methods = {sorted(p.train.methods)}")
-    for d, m in pairs:
-        result = train_method(p, d, m, track=not no_track, resume=resume, progress=console.is_terminal)
-        console.print(f"  {d}/{m}: step {result['step']}, val PSNR {result.get('val_psnr', float('nan')):.2f} dB, "
+    for d, m, s in ((d, m, s) for d, m in pairs for s in _seeds(p, seed, params)):
+        result = train_method(p, d, m, seed=s, track=not no_track, resume=resume, progress=console.is_terminal)
+        console.print(f"  {d}/{run_name(m, s)}: step {result['step']}, "
+                      f"val PSNR {result.get('val_psnr', float('nan')):.2f} dB, "
                       f"{result.get('patches_per_s', float('nan')):.1f} patches/s", highlight=False)
 
 
@@ -217,6 +232,7 @@ def pretrain_prior(
     params: Path = ParamsOpt,
     no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow"),
     resume: bool = typer.Option(True, help="continue from the stage checkpoints when their params match"),
+    seed: list[int] = SeedOpt,
 ) -> None:
     """Pretrain BNNPan's latent diffusion prior (stage 1: E1 + oracle network; stage 2: E2 + denoiser).
 
@@ -231,9 +247,9 @@ def pretrain_prior(
     if not datasets:
         raise ConfigError(f"{params}: no trained method uses the latent prior (train.methods = "
                           f"{sorted(p.train.methods)}); nothing to pretrain")
-    for d in datasets:
-        r = run_prior(p, d, track=not no_track, resume=resume, progress=console.is_terminal)
-        console.print(f"  {d}: stage 1 val PSNR {r['stage1']['val_psnr']:.2f} dB (oracle z), "
+    for d, s in ((d, s) for d in datasets for s in _seeds(p, seed, params)):
+        r = run_prior(p, d, seed=s, track=not no_track, resume=resume, progress=console.is_terminal)
+        console.print(f"  {d}{run_name('', s)}: stage 1 val PSNR {r['stage1']['val_psnr']:.2f} dB (oracle z), "
                       f"stage 2 val PSNR {r['stage2']['val_psnr']:.2f} dB (sampled z)", highlight=False)
 
 
@@ -244,6 +260,7 @@ def evaluate(
     dataset: list[str] = typer.Option(None, "--dataset", "-d", help="dataset name(s); default: all evaluated"),
     params: Path = ParamsOpt,
     no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow"),
+    seed: list[int] = SeedOpt,
 ) -> None:
     """Score methods on a dataset's test tiles at reduced and full resolution.
 
@@ -274,18 +291,24 @@ def evaluate(
              if m not in p.train.methods or (d, m) in trained or (dataset and method)]
     if not pairs:
         raise ConfigError(f"{params}: nothing to evaluate for method(s) {methods} on dataset(s) {datasets}")
-    for d, m in pairs:
-        metrics = _with_progress("evaluate", f"{d}/{m}", lambda cb, d=d, m=m: evaluate_method(p, d, m, progress=cb))
+    seeds = _seeds(p, seed, params)
+    runs = [(d, m, s) for d, m in pairs for s in (seeds if m in p.train.methods else [0])]
+    if seed and not any(m in p.train.methods for _, m in pairs):
+        raise ConfigError(f"--seed is a training seed: method(s) {methods} are not trained")
+    for d, m, s in runs:
+        run = run_name(m, s)
+        metrics = _with_progress("evaluate", f"{d}/{run}",
+                                 lambda cb, d=d, m=m, s=s: evaluate_method(p, d, m, progress=cb, seed=s))
         stats = index_stats(metrics)
         shown = ", ".join(f"{k}={v['mean']:.4g}" for k, v in stats.items() if v["mean"] is not None)
-        console.print(f"  {d}/{m}: {shown}", highlight=False)
+        console.print(f"  {d}/{run}: {shown}", highlight=False)
         if not no_track:
             from bnnpan import tracking
 
-            out = Path(p.paths.reports) / d / m
-            with tracking.stage_run(p, f"evaluate_{d}_{m}", {"dataset": d, "method": m}):
+            out = Path(p.paths.reports) / d / run
+            with tracking.stage_run(p, f"evaluate_{d}_{run}", {"dataset": d, "method": m, "seed": str(s)}):
                 tracking.log_environment(metrics[ENVIRONMENT])
-                tracking.log_params({"method": m, "dataset": d, **tracking.flatten(
+                tracking.log_params({"method": m, "dataset": d, "seed": s, **tracking.flatten(
                     p.evaluate.model_dump(mode="json", exclude={"methods", "datasets"}), "evaluate.")})
                 timing = json.loads((out / TIMING_FILE).read_text())
                 tracking.log_metrics({**{f"{k}_{s}": v for k, st in stats.items() for s, v in st.items()

@@ -219,6 +219,8 @@ class DatasetConfig(Strict):
     valid_size: int = Field(64, gt=0, description="height of the validation strip (HR pixels)")
     test_tile: int = Field(256, gt=0, description="HR side of reduced-resolution test tiles")
     min_test_tile: int = Field(64, gt=0, description="smallest acceptable test tile (a multiple of 32)")
+    test_rows: int = Field(1, ge=1, description="rows of test tiles in the test strip of a role-'all' scene (more, "
+                           "smaller tiles give the paired statistics more pairs)")
     fr_tile: int = Field(512, gt=0, description="PAN side of full-resolution test tiles")
     max_nodata_fraction: float = Field(0.25, ge=0, le=1, description="drop train/valid patches above it")
     test_max_nodata_fraction: float = Field(0.0, ge=0, le=1, description="drop test tiles above it")

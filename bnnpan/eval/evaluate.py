@@ -17,7 +17,7 @@ Writes into ``reports/<dataset>/<method>/``:
                    "fr": {"d_lambda": {"mean", "std"}, "d_s", "hqnr", "qnr",
                           "d_s_mtf", "hqnr_mtf"}},                        # _mtf: pan_degradation mtf only
        "network_cost": {"64": {...}, "256": {...}, "file": {...}},      # networks only
-       "setup": {"n_tiles": {"rr", "fr"}, "dataset", "method", "kind", "sensor", ...},
+       "setup": {"n_tiles": {"rr", "fr"}, "dataset", "method", "seed", "kind", "sensor", ...},
        "run_environment": {"cpu", "cpu_count", "threads", "threads_source", "device", "gpu", "torch",
                            "cuda", "numpy", "python", "platform", "machine"}}
 
@@ -33,7 +33,8 @@ Writes into ``reports/<dataset>/<method>/``:
 * ``timing.json`` (not tracked by git or DVC): the wall-clock fusion time of every tile and their
   median per resolution. It depends on the machine and its load, so it changes on every run; it
   goes to MLflow (``bnnpan evaluate`` logs it) instead of into the tracked metrics.
-* ``tiles.csv`` (one row per tile: its indices, no timing), and ``fused/`` with every fused tile as
+* ``tiles.csv`` (one row per tile: its resolution, index, training ``seed`` (0 for a classical method) and
+  indices, no timing), and ``fused/`` with every fused tile as
   a float32 GeoTIFF carrying the geotransform and CRS of its source tile.
 
 Each file is written to a temporary path and renamed. Before anything is written the test files
@@ -66,7 +67,7 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 
 from bnnpan.atomic import atomic_dir, write_text
-from bnnpan.config import ConfigError, Params
+from bnnpan.config import ConfigError, Params, run_name
 from bnnpan.data.hdf5io import HDF5Error, read_attrs, validate_h5
 from bnnpan.environment import apply_threads, run_environment
 from bnnpan.eval.metrics_fr import full_resolution
@@ -141,8 +142,12 @@ def _json_float(x: Any) -> Any:
 
 
 def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Path | None = None,
-                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate ``method`` on ``dataset``; return the metrics dictionary written to metrics.json."""
+                    progress: Callable[[str, int, int], None] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Evaluate ``method`` on ``dataset``; return the metrics dictionary written to metrics.json.
+
+    A trained network is the run of training seed ``seed`` (``models/<dataset>/<run_name>.pt``, scored into
+    ``reports/<dataset>/<run_name>/``; :func:`bnnpan.config.run_name`); a classical method has seed 0 only.
+    """
     cfg = params.evaluate
     if dataset in params.datasets and not params.has_split(dataset, "test_rr"):
         only_fr = params.has_split(dataset, "test_fr")
@@ -158,11 +163,14 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     attrs = read_attrs(rr_path)
     ctx = method_context(attrs)
     network = method in params.train.methods
+    if seed and not network:
+        raise ConfigError(f"method {method} is not trained: it has no seed {seed} (seeds are training seeds)")
+    run = run_name(method, seed)
     _, threads_source = apply_threads(params.threads)
     if network:
         from bnnpan.models.checkpoint import NetworkFuser
 
-        fuser = NetworkFuser(Path(params.paths.models) / dataset / f"{method}.pt", device=params.device)
+        fuser = NetworkFuser(Path(params.paths.models) / dataset / f"{run}.pt", device=params.device)
     else:
         fuser = build_method(method, ctx)
     needs_ref = bool(getattr(fuser, "needs_reference", False))  # oracle prior: reduced resolution only
@@ -173,7 +181,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     keys = METRIC_KEYS + (FR_MTF_KEYS if pan_degradation == "mtf" else ())
     group_keys = {g: k + (OPTIONAL_KEYS[g] if pan_degradation == "mtf" else ()) for g, k in GROUP_KEYS.items()}
     crs_by_scene = attrs.get("crs") or {}
-    out_dir = Path(out_dir or Path(params.paths.reports) / dataset / method)
+    out_dir = Path(out_dir or Path(params.paths.reports) / dataset / run)
     rows: list[dict[str, Any]] = []
     latency: dict[str, list[float]] = {"rr": [], "fr": []}
     if cfg.save_fused and any(crs_by_scene.get(s) is None for s in scenes):
@@ -212,7 +220,8 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
                                             pan_degradation=pan_degradation, pan_gain=ctx.pan_gain)
                     scene = scenes[int(f["scene_index"][i])]
                     r, c, h, w = (int(v) for v in f["window"][i])
-                    rows.append({"resolution": res, "tile": i, "scene": scene, "window_row": r, "window_col": c,
+                    rows.append({"resolution": res, "tile": i, "seed": seed, "scene": scene, "window_row": r,
+                                 "window_col": c,
                                  **{k: m.get(k) for k in keys}})
                     if cfg.save_fused:
                         _write_tif(tmp_fused / f"{'rr' if res == 'reduced' else 'fr'}_{i:03d}.tif", fused,
@@ -221,7 +230,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
                     if progress:
                         progress(f"{dataset}/{method} {res} tile {i}", done, total)
 
-    table = pd.DataFrame(rows, columns=["resolution", "tile", "scene", "window_row", "window_col", *keys])
+    table = pd.DataFrame(rows, columns=["resolution", "tile", "seed", "scene", "window_row", "window_col", *keys])
     indices: dict[str, dict[str, Any]] = {}
     for res, group in RESOLUTION_GROUP.items():
         sel = table.loc[table.resolution == res]
@@ -232,7 +241,8 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
         metrics[COST] = network_cost(fuser.model, len(ctx.bands))
     metrics[SETUP] = {
         "n_tiles": {"rr": n_rr, "fr": 0 if needs_ref else n_fr},
-        "dataset": dataset, "method": method, "kind": "network" if network else KIND.get(method, "classical"),
+        "dataset": dataset, "method": method, "seed": seed,
+        "kind": "network" if network else KIND.get(method, "classical"),
         "sensor": ctx.sensor,
         "ratio": ctx.ratio, "scale": ctx.scale, "bands": list(ctx.bands),
         "rgb": [int(x) for x in attrs.get("rgb", [])],

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from bnnpan.config import PanCollectionDataset, Params
+from bnnpan.config import PanCollectionDataset, Params, run_name
 from bnnpan.report import FP_METHOD, SUBBAND_METHODS, comparisons_due, is_binary
 
 # Code each stage depends on (DVC re-runs a stage when these change; .dvcignore drops caches).
@@ -158,44 +158,55 @@ def _build(params: Params) -> list[Stage]:
     from bnnpan.models.bnnpan import VARIANTS
 
     prior_methods = set(params.prior_methods())
+    seeds = list(params.train.seeds)
+    # One stage per (dataset, seed) for the prior and per (dataset, method, seed) for train and evaluate. The seed
+    # is in the command (`--seed s`), not a params dep: adding a seed to train.seeds adds stages and re-runs nothing
+    # that exists; seed 0 keeps the plain names (run_name).
     for ds in dict.fromkeys(d for d, m in trained if m in prior_methods):
-        stages.append(Stage(
-            name=f"pretrain_prior_{ds}",
-            cmd=("bnnpan", "pretrain-prior", "--dataset", ds),
-            deps=tuple(PRIOR_CODE + [f"{p.prepared}/{ds}"]),
-            params=("seed", "device", "threads", "model", "train.defaults", "prior"),
-            outs=(f"{p.models}/{ds}/prior_stage1.pt", f"{p.models}/{ds}/prior.pt"),
-            plots=(f"{p.models}/{ds}/prior_stage1_curve.csv", f"{p.models}/{ds}/prior_curve.csv"),
-            resources={"train": 1},
-            desc=f"pretrain BNNPan's latent diffusion prior on {ds} (E1 + oracle net, then E2 + denoiser)",
-        ))
+        for seed in seeds:
+            s1, s2 = run_name("prior_stage1", seed), run_name("prior", seed)
+            stages.append(Stage(
+                name=f"pretrain_prior_{ds}{run_name('', seed)}",
+                cmd=("bnnpan", "pretrain-prior", "--dataset", ds, "--seed", str(seed)),
+                deps=tuple(PRIOR_CODE + [f"{p.prepared}/{ds}"]),
+                params=("device", "threads", "model", "train.defaults", "prior"),
+                outs=(f"{p.models}/{ds}/{s1}.pt", f"{p.models}/{ds}/{s2}.pt"),
+                plots=(f"{p.models}/{ds}/{s1}_curve.csv", f"{p.models}/{ds}/{s2}_curve.csv"),
+                resources={"train": 1},
+                desc=f"pretrain BNNPan's latent diffusion prior on {ds}, seed {seed} (E1 + oracle net, then E2 + "
+                     "denoiser)",
+            ))
     for ds, method in trained:
-        ckpt = f"{p.models}/{ds}/{method}.pt"
         family = params.network_of(method) in VARIANTS
-        stages.append(Stage(
-            name=f"train_{ds}_{method}",
-            cmd=("bnnpan", "train", "--dataset", ds, "--method", method),
-            deps=tuple(TRAIN_CODE + (BNNPAN_CODE if family else []) + [f"{p.prepared}/{ds}"]
-                       + ([f"{p.models}/{ds}/prior.pt"] if method in prior_methods else [])),
-            params=("seed", "device", "threads", "model", "train.defaults", f"train.methods.{method}",
-                    *(("prior",) if method in prior_methods else ())),
-            outs=(ckpt,),
-            plots=(f"{p.models}/{ds}/{method}_curve.csv",),
-            resources={"train": 1},
-            desc=f"train {method} on {ds} (the one training loop; resumes from {ckpt[:-3]}.ckpt)",
-        ))
+        for seed in seeds:
+            run = run_name(method, seed)
+            ckpt = f"{p.models}/{ds}/{run}.pt"
+            stages.append(Stage(
+                name=f"train_{ds}_{run}",
+                cmd=("bnnpan", "train", "--dataset", ds, "--method", method, "--seed", str(seed)),
+                deps=tuple(TRAIN_CODE + (BNNPAN_CODE if family else []) + [f"{p.prepared}/{ds}"]
+                           + ([f"{p.models}/{ds}/{run_name('prior', seed)}.pt"] if method in prior_methods else [])),
+                params=("device", "threads", "model", "train.defaults", f"train.methods.{method}",
+                        *(("prior",) if method in prior_methods else ())),
+                outs=(ckpt,),
+                plots=(f"{p.models}/{ds}/{run}_curve.csv",),
+                resources={"train": 1},
+                desc=f"train {method} on {ds}, seed {seed} (the one training loop; resumes from {ckpt[:-3]}.ckpt)",
+            ))
     evaluated = params.evaluated()
     _check_methods([m for _, m in evaluated if m not in params.train.methods])
     report_deps: list[str] = []
-    for ds, method in evaluated:
-        out = f"{p.reports}/{ds}/{method}"
+    for ds, method, seed in ((d, m, s) for d, m in evaluated for s in (seeds if m in params.train.methods else [0])):
+        run = run_name(method, seed)
+        out = f"{p.reports}/{ds}/{run}"
         network = method in params.train.methods
-        extra_deps = NETWORK_EVAL_CODE + [f"{p.models}/{ds}/{method}.pt"] if network else []
+        extra_deps = NETWORK_EVAL_CODE + [f"{p.models}/{ds}/{run}.pt"] if network else []
         if network and params.network_of(method) in VARIANTS:
             extra_deps += BNNPAN_CODE
         stages.append(Stage(
-            name=f"evaluate_{ds}_{method}",
-            cmd=("bnnpan", "evaluate", "--dataset", ds, "--method", method),
+            name=f"evaluate_{ds}_{run}",
+            cmd=("bnnpan", "evaluate", "--dataset", ds, "--method", method,
+                 *(("--seed", str(seed)) if network else ())),
             deps=tuple(EVALUATE_CODE + extra_deps + [f"{p.prepared}/{ds}"]),
             # threads (and a network's device) are recorded in metrics.json's environment block
             params=(*(("device",) if network else ()), "threads", "evaluate.border_cut", "evaluate.block",
@@ -204,7 +215,7 @@ def _build(params: Params) -> list[Stage]:
             metrics=(f"{out}/metrics.json",),
             dirs=(f"{out}/fused",),
             uncached=(f"{out}/tiles.csv",),
-            desc=f"reduced/full-resolution metrics of {method} on {ds}",
+            desc=f"reduced/full-resolution metrics of {method} on {ds}" + (f", seed {seed}" if network else ""),
         ))
         report_deps += [f"{out}/metrics.json", f"{out}/tiles.csv", f"{out}/fused"]
     if evaluated:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bnnpan.config import Params
+from bnnpan.config import Params, run_name
 from bnnpan.data.hdf5io import read_attrs
 from bnnpan.environment import resolve_threads, run_environment
 from bnnpan.models.bnnpan import BNNPanNet, BNNPanSwitches
@@ -47,9 +47,12 @@ def _digest(blob: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def pretrain_prior(params: Params, dataset: str, *, track: bool = True, resume: bool = True,
+def pretrain_prior(params: Params, dataset: str, *, seed: int | None = None, track: bool = True, resume: bool = True,
                    progress: bool = True) -> dict[str, Any]:
-    """Run both stages for ``dataset``; returns ``{"stage1": metrics, "stage2": metrics}``."""
+    """Run both stages for ``dataset`` with training seed ``seed`` (default: the first of ``train.seeds``);
+    returns ``{"stage1": metrics, "stage2": metrics}``. Seed s > 0 writes ``prior_stage1_seed<s>.pt`` and
+    ``prior_seed<s>.pt``, which the BNNPan runs of that seed load."""
+    seed = params.train.seeds[0] if seed is None else seed
     params.need_split(dataset, "train", "pretrain the prior")
     prepared = Path(params.paths.prepared) / dataset
     attrs = read_attrs(prepared / "train.h5")
@@ -63,10 +66,10 @@ def pretrain_prior(params: Params, dataset: str, *, track: bool = True, resume: 
     rec1 = {**base, "iterations": pc.stage1_iterations, "warmup": min(base["warmup"], pc.stage1_iterations - 1)}
     rec2 = {**base, "iterations": pc.stage2_iterations, "lr": pc.stage2_lr,
             "warmup": min(base["warmup"], pc.stage2_iterations - 1)}
-    out1 = Path(params.paths.models) / dataset / "prior_stage1.pt"
-    out2 = prior_file(params, dataset)
+    out1 = Path(params.paths.models) / dataset / f"{run_name('prior_stage1', seed)}.pt"
+    out2 = prior_file(params, dataset, seed)
     out2.parent.mkdir(parents=True, exist_ok=True)
-    common = {"dataset": dataset, "seed": params.seed, "width": params.model.width, "depth": params.model.depth,
+    common = {"dataset": dataset, "seed": seed, "width": params.model.width, "depth": params.model.depth,
               "zero_init_tail": params.model.zero_init_tail, "data": manifest["files"]["train.h5"]["sha256"],
               "threads": resolve_threads(params.threads)[0]}  # bit-for-bit resume needs the same thread count
     d1 = _digest({**common, "stage": 1, "switches": asdict(sw1), "train": rec1})
@@ -86,15 +89,15 @@ def pretrain_prior(params: Params, dataset: str, *, track: bool = True, resume: 
             return lambda metrics, step: tracking.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()},
                                                               step=step)
 
-        torch.manual_seed(params.seed)
+        torch.manual_seed(seed)
         net1 = BNNPanNet(channels, params.model.width, params.model.depth, sw1, params.model.zero_init_tail,
                          role="stage1")
-        r1 = train(net1, prepared / "train.h5", prepared / "valid.h5", TrainConfig(seed=params.seed, **rec1), out1,
+        r1 = train(net1, prepared / "train.h5", prepared / "valid.h5", TrainConfig(seed=seed, **rec1), out1,
                    device=params.device, progress=progress, resume=resume, net_meta=meta("bnnpan_stage1", sw1),
                    scale=scale, params_digest=d1, log_fn=log_fn("stage1"))
         d2 = _digest({**common, "stage": 2, "switches": asdict(sw2), "train": rec2,
                       "stage1": hashlib.sha256(out1.read_bytes()).hexdigest()})
-        torch.manual_seed(params.seed)
+        torch.manual_seed(seed)
         net2 = BNNPanNet(channels, params.model.width, params.model.depth, sw2, params.model.zero_init_tail,
                          role="stage2")
         state1 = load_checkpoint(out1)["model"]
@@ -103,7 +106,7 @@ def pretrain_prior(params: Params, dataset: str, *, track: bool = True, resume: 
         if unexpected or any(not k.startswith(fresh) for k in missing):
             raise CheckpointError(f"{out1}: stage-1 network does not match stage 2 (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
-        r2 = train(net2, prepared / "train.h5", prepared / "valid.h5", TrainConfig(seed=params.seed, **rec2), out2,
+        r2 = train(net2, prepared / "train.h5", prepared / "valid.h5", TrainConfig(seed=seed, **rec2), out2,
                    device=params.device, progress=progress, resume=resume, net_meta=meta("bnnpan_prior", sw2),
                    scale=scale, params_digest=d2, log_fn=log_fn("stage2"))
         return {"stage1": r1, "stage2": r2}
@@ -113,9 +116,10 @@ def pretrain_prior(params: Params, dataset: str, *, track: bool = True, resume: 
     from bnnpan import tracking
     from bnnpan.devices import resolve_device
 
-    with tracking.stage_run(params, f"pretrain_prior_{dataset}", {"dataset": dataset, "method": "bnnpan_prior"}):
+    with tracking.stage_run(params, f"pretrain_prior_{dataset}{run_name('', seed)}",
+                            {"dataset": dataset, "method": "bnnpan_prior", "seed": str(seed)}):
         tracking.log_environment(run_environment(resolve_device(params.device), threads_source))
-        tracking.log_params({"dataset": dataset, "seed": params.seed, "device": params.device,
+        tracking.log_params({"dataset": dataset, "seed": seed, "device": params.device,
                              **{f"prior.{k}": v for k, v in pc.model_dump().items()},
                              **{f"switches.{k}": v for k, v in sw1.to_dict().items() if k != "ldpc"},
                              **{f"stage1.{k}": v for k, v in rec1.items()},

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bnnpan.config import Params
+from bnnpan.config import Params, run_name
 from bnnpan.data.hdf5io import read_attrs
 from bnnpan.environment import apply_threads, resolve_threads, run_environment
 from bnnpan.models.networks import NetConfig, build_network
@@ -31,13 +31,25 @@ def _threads(params: Params) -> tuple[int, str]:
     return apply_threads(params.threads)
 
 
-def prior_file(params: Params, dataset: str) -> Path:
-    """Where ``pretrain-prior`` writes a dataset's latent prior (E1, E2, denoiser)."""
-    return Path(params.paths.models) / dataset / "prior.pt"
+def prior_file(params: Params, dataset: str, seed: int = 0) -> Path:
+    """Where ``pretrain-prior`` writes a dataset's latent prior (E1, E2, denoiser) for training seed ``seed``
+    (``prior.pt``; ``prior_seed<s>.pt`` for s > 0: :func:`bnnpan.config.run_name`)."""
+    return Path(params.paths.models) / dataset / f"{run_name('prior', seed)}.pt"
 
 
-def train_method(params: Params, dataset: str, method: str, *, track: bool = True, resume: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
+def model_file(params: Params, dataset: str, method: str, seed: int = 0) -> Path:
+    """The trained weights of one run: ``models/<dataset>/<run_name(method, seed)>.pt``."""
+    return Path(params.paths.models) / dataset / f"{run_name(method, seed)}.pt"
+
+
+def train_method(params: Params, dataset: str, method: str, *, seed: int | None = None, track: bool = True,
+                 resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train ``method`` on ``dataset`` with training seed ``seed`` (default: the first of ``train.seeds``).
+
+    The seed seeds the weight initialisation, the sample order and the augmentation (bnnpan.train.loop); a
+    BNNPan method loads the prior pretrained with the same seed.
+    """
+    seed = params.train.seeds[0] if seed is None else seed
     params.need_split(dataset, "train", f"train {method}")
     prepared = Path(params.paths.prepared) / dataset
     attrs = read_attrs(prepared / "train.h5")
@@ -47,31 +59,32 @@ def train_method(params: Params, dataset: str, method: str, *, track: bool = Tru
                         ratio=int(attrs["ratio"]), extra=params.network_extra(method),
                         zero_init_tail=params.model.zero_init_tail)
     recipe = params.train.resolved(method)
-    tcfg = TrainConfig(seed=params.seed, **recipe)
-    prior_path = prior_file(params, dataset) if method in params.prior_methods() else None
+    tcfg = TrainConfig(seed=seed, **recipe)
+    prior_path = prior_file(params, dataset, seed) if method in params.prior_methods() else None
     prior_sha = None
     if prior_path is not None:
         if not prior_path.is_file():
             raise CheckpointError(f"{prior_path}: {method} needs the pretrained latent prior; run "
-                                    f"`bnnpan pretrain-prior --dataset {dataset}` first")
+                                    f"`bnnpan pretrain-prior --dataset {dataset} --seed {seed}` first")
         prior_sha = hashlib.sha256(prior_path.read_bytes()).hexdigest()
     # The thread count is in the digest: a checkpoint is continued bit for bit only with the same count.
     digest = hashlib.sha256(json.dumps({
         "method": method, "network": network, "dataset": dataset, "net": asdict(net_cfg), "train": recipe,
-        "seed": params.seed, "data": manifest["files"]["train.h5"]["sha256"], "prior": prior_sha,
+        "seed": seed, "data": manifest["files"]["train.h5"]["sha256"], "prior": prior_sha,
         "threads": resolve_threads(params.threads)[0],
     }, sort_keys=True, default=str).encode()).hexdigest()
     _, threads_source = _threads(params)
-    torch.manual_seed(params.seed)
+    torch.manual_seed(seed)
     model = build_network(network, net_cfg)
     if prior_path is not None:
         try:
             model.load_prior(load_checkpoint(prior_path)["model"])
         except ValueError as e:
-            raise CheckpointError(f"{prior_path}: {e}; re-run `bnnpan pretrain-prior --dataset {dataset}`") from None
-    out = Path(params.paths.models) / dataset / f"{method}.pt"
+            raise CheckpointError(f"{prior_path}: {e}; re-run `bnnpan pretrain-prior --dataset {dataset} "
+                                  f"--seed {seed}`") from None
+    out = model_file(params, dataset, method, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"name": network, "method": method, **asdict(net_cfg)}
+    meta = {"name": network, "method": method, "seed": seed, **asdict(net_cfg)}
     kwargs = dict(device=params.device, progress=progress, resume=resume, net_meta=meta,
                   scale=float(attrs["scale"]), params_digest=digest)
     if not track:
@@ -79,9 +92,10 @@ def train_method(params: Params, dataset: str, method: str, *, track: bool = Tru
     from bnnpan import tracking
     from bnnpan.devices import resolve_device
 
-    with tracking.stage_run(params, f"train_{dataset}_{method}", {"dataset": dataset, "method": method}):
+    with tracking.stage_run(params, f"train_{dataset}_{run_name(method, seed)}",
+                            {"dataset": dataset, "method": method, "seed": str(seed)}):
         tracking.log_environment(run_environment(resolve_device(params.device), threads_source))
-        tracking.log_params({"method": method, "network": network, "dataset": dataset, "seed": params.seed,
+        tracking.log_params({"method": method, "network": network, "dataset": dataset, "seed": seed,
                              "device": params.device,
                              **{f"model.{k}": v for k, v in asdict(net_cfg).items() if k != "extra"},
                              **{f"model.extra.{k}": v for k, v in net_cfg.extra.items()},
