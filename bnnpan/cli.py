@@ -286,9 +286,9 @@ def evaluate(
     methods = list(dict.fromkeys(methods))
     # A network is scored where it was trained (e.g. not on an imported test-only dataset), unless both the
     # dataset and the method were asked for.
-    trained = set(p.trained())
+    evaluated = set(p.evaluated())  # with the test-only datasets' networks (trained on their models_from)
     pairs = [(d, m) for d in datasets for m in methods
-             if m not in p.train.methods or (d, m) in trained or (dataset and method)]
+             if m not in p.train.methods or (d, m) in evaluated or (dataset and method)]
     if not pairs:
         raise ConfigError(f"{params}: nothing to evaluate for method(s) {methods} on dataset(s) {datasets}")
     seeds = _seeds(p, seed, params)

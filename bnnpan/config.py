@@ -229,12 +229,20 @@ class DatasetConfig(Strict):
         "d_s_mtf / hqnr_mtf, whose PAN_L is made that way; d_s / hqnr stay the toolbox's)"
     )
     dtype: Literal["float32", "float64"] = "float32"
+    models_from: str | None = Field(
+        None, description="a test-only dataset: its scenes are test scenes (role test) and the networks it "
+        "evaluates are those trained on this other dataset (cross-scene generalisation); nothing trains on it")
 
     @model_validator(mode="after")
     def _check(self) -> DatasetConfig:
         for s in self.roles:
             if s not in self.scenes:
                 raise ValueError(f"roles names scene {s!r} which is not in scenes {self.scenes}")
+        if self.models_from is not None:
+            other = sorted(s for s, r in self.roles.items() if r != "test")
+            if other:
+                raise ValueError(f"a test-only dataset (models_from: {self.models_from}) has test scenes only; "
+                                 f"roles gives {other} another role")
         for k in ("test_tile", "min_test_tile", "fr_tile"):
             if getattr(self, k) % 32:
                 raise ValueError(f"{k}={getattr(self, k)} must be a multiple of 32 (metric blocks)")
@@ -243,7 +251,7 @@ class DatasetConfig(Strict):
         return self
 
     def role(self, scene: str) -> str:
-        return self.roles.get(scene, "all")
+        return self.roles.get(scene, "test" if self.models_from is not None else "all")
 
 
 class PanCollectionDataset(Strict):
@@ -531,6 +539,8 @@ class Params(Strict):
             sensors = {self.scenes[s].sensor for s in ds.scenes} - {None}
             if len(sensors) > 1:
                 raise ValueError(f"dataset {d!r} mixes sensors {sorted(sensors)}")
+            if ds.models_from is not None:
+                self._check_models_from(d, ds)
         for key, names, split in (("evaluate.datasets", self.evaluate.datasets, "test_rr"),
                                   ("train.datasets", self.train.datasets, "train")):
             for d in names or []:
@@ -547,6 +557,31 @@ class Params(Strict):
             raise ValueError(f"evaluate.methods has duplicates: {self.evaluate.methods}")
         return self
 
+    def _check_models_from(self, name: str, ds: DatasetConfig) -> None:
+        """A test-only dataset evaluates the networks of another dataset: that one must exist, train, and have the
+        same sensor and bands (a network knows its band count and scale, not what they mean)."""
+        src = ds.models_from
+        where = f"datasets.{name}.models_from"
+        if src == name or src not in self.datasets:
+            raise ValueError(f"{where}: {src!r} is not another dataset of this params file")
+        other = self.datasets[src]
+        if isinstance(other, PanCollectionDataset) or other.models_from is not None:
+            raise ValueError(f"{where}: dataset {src!r} is not prepared from scenes with a training split")
+
+        def signature(d: DatasetConfig) -> set[tuple[str | None, tuple[str, ...] | None]]:
+            return {(self.scenes[s].sensor, tuple(self.scenes[s].bands) if self.scenes[s].bands else None)
+                    for s in d.scenes}
+
+        if signature(ds) != signature(other):
+            raise ValueError(f"{where}: the scenes of {name!r} (sensor, bands {sorted(signature(ds), key=str)}) "
+                             f"differ from those of {src!r} ({sorted(signature(other), key=str)}): its networks "
+                             "cannot be applied")
+
+    def models_dataset(self, dataset: str) -> str:
+        """The dataset whose trained networks ``dataset`` evaluates: its ``models_from``, else itself."""
+        ds = self.datasets.get(dataset)
+        return ds.models_from or dataset if isinstance(ds, DatasetConfig) else dataset
+
     def has_split(self, dataset: str, split: str) -> bool:
         """Whether ``dataset`` has a ``split`` file (train, valid, test_rr, test_fr) once prepared.
 
@@ -555,7 +590,7 @@ class Params(Strict):
         """
         ds = self.datasets[dataset]
         if not isinstance(ds, PanCollectionDataset):
-            return True
+            return ds.models_from is None or split.startswith("test")
         return getattr(ds, "train" if split == "valid" else split) is not None
 
     def need_split(self, dataset: str, split: str, what: str) -> None:
@@ -596,12 +631,18 @@ class Params(Strict):
 
         By default every dataset with a reduced-resolution test file (an imported dataset without
         ``test_rr`` is not evaluated: the report's tables and figures start from it); a network is
-        evaluated on every dataset it was trained on that has one.
+        evaluated on every dataset it was trained on that has one, and on every test-only dataset whose
+        ``models_from`` is that dataset (cross-scene).
         """
         ds = self.evaluate.datasets if self.evaluate.datasets is not None else [
             d for d in self.datasets if self.has_split(d, "test_rr")]
         pairs = [(d, m) for d in ds for m in self.evaluate.methods]
-        return pairs + [p for p in self.trained() if p not in pairs and self.has_split(p[0], "test_rr")]
+        trained = self.trained()
+        nets = [p for p in trained if p not in pairs and self.has_split(p[0], "test_rr")]
+        # a test-only dataset (models_from) evaluates the networks trained on its source dataset
+        nets += [(d, m) for d in ds if self.models_dataset(d) != d for m in self.train.methods
+                 if (self.models_dataset(d), m) in trained]
+        return pairs + nets
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bnnpan.config import Params, load_params
+from bnnpan.config import Params, load_params, run_name
 from bnnpan.pipeline import build_stages, render_dvc_yaml
 from bnnpan.report import comparisons_due, is_binary
 
@@ -182,7 +182,8 @@ def test_adding_a_seed_leaves_every_existing_stage_as_it_was():
 # ----------------------------------------------------------------------------- dvc plots show
 
 
-PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/worldview2/params.yaml",
+PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/seeds/params.yaml",
+            "profiles/worldview2/params.yaml",
             "profiles/pancollection/params.yaml"]
 
 
@@ -214,7 +215,8 @@ def test_top_level_plots_cover_every_trained_method_and_curves_are_cached(params
     models = params.paths.models
     trained: dict[str, set[str]] = {}
     for ds, m in params.trained():
-        trained.setdefault(ds, set()).add(f"{models}/{ds}/{m}_curve.csv")
+        for seed in params.train.seeds:  # every seed's run
+            trained.setdefault(ds, set()).add(f"{models}/{ds}/{run_name(m, seed)}_curve.csv")
     assert trained, "this profile trains no network"
     for ds, curves in trained.items():
         for pid, field in ((f"{ds}_val_psnr", "val_psnr"), (f"{ds}_train_loss", "loss")):
@@ -222,7 +224,8 @@ def test_top_level_plots_cover_every_trained_method_and_curves_are_cached(params
             assert plots[pid]["x"] == "step"
     prior = set()
     for ds in {d for d, m in params.trained() if m in params.prior_methods()}:
-        files = {f"{models}/{ds}/prior_stage1_curve.csv", f"{models}/{ds}/prior_curve.csv"}
+        files = {f"{models}/{ds}/{run_name(n, seed)}_curve.csv" for n in ("prior_stage1", "prior")
+                 for seed in params.train.seeds}
         assert set(plots[f"{ds}_prior_val_psnr"]["y"]) == files
         prior |= files
     table = plots["indices_per_method"]["y"]
@@ -368,3 +371,22 @@ def test_readme_exp_show_command_keeps_bnnpans_key_indices_and_the_params():
     want = {f"reports/{d}/bnnpan/metrics.json:indices.rr.{k}.mean" for d in datasets for k in ("q2n", "ergas")}
     assert set(shown) - set(params) == want
     assert not [p for p in params if drop.match(p)]  # a changed param is shown
+
+
+@pytest.mark.parametrize("profile", ["profiles/ablations/params.yaml", "profiles/seeds/params.yaml"])
+def test_profiles_sharing_the_default_models_keep_its_settings(profile):
+    """The ablations and seeds profiles share data/prepared and models/ with params.yaml, and their runs of the
+    main run's methods resume from its finished checkpoints: every setting that shapes the data or a run must
+    be params.yaml's (only the methods, seeds and the reports folder may differ), or the profile would prepare
+    over the main dataset or retrain the main run's models."""
+    main, prof = (load_params(REPO / f).model_dump(mode="json") for f in ("params.yaml", profile))
+    for key in ("device", "threads", "scenes", "datasets", "model", "prior", "tracking"):
+        assert prof[key] == main[key], key
+    assert {k: v for k, v in prof["paths"].items() if k != "reports"} == {
+        k: v for k, v in main["paths"].items() if k != "reports"}
+    assert prof["paths"]["reports"] != main["paths"]["reports"]
+    assert prof["train"]["defaults"] == main["train"]["defaults"]
+    shared = set(prof["train"]["methods"]) & set(main["train"]["methods"])
+    assert shared and all(prof["train"]["methods"][m] == main["train"]["methods"][m] for m in shared)
+    for key in ("border_cut", "block", "save_fused"):
+        assert prof["evaluate"][key] == main["evaluate"][key], key

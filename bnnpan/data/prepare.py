@@ -507,7 +507,8 @@ def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = N
                 })
         assert sensor is not None and bands is not None
         for split in SPLITS:
-            if len(outs[split]) == 0:
+            # a test-only dataset (models_from) has empty train and valid files: nothing trains on it
+            if len(outs[split]) == 0 and (cfg.models_from is None or split.startswith("test")):
                 raise SceneError(
                     f"dataset {dataset}: no {split} samples (scenes {cfg.scenes}; "
                     f"{outs[split].dropped} dropped for nodata) - check roles and sizes"

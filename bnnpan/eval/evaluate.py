@@ -170,7 +170,9 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     if network:
         from bnnpan.models.checkpoint import NetworkFuser
 
-        fuser = NetworkFuser(Path(params.paths.models) / dataset / f"{run}.pt", device=params.device)
+        # a test-only dataset scores the networks of its models_from dataset (cross-scene)
+        fuser = NetworkFuser(Path(params.paths.models) / params.models_dataset(dataset) / f"{run}.pt",
+                             device=params.device)
     else:
         fuser = build_method(method, ctx)
     needs_ref = bool(getattr(fuser, "needs_reference", False))  # oracle prior: reduced resolution only
@@ -242,6 +244,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     metrics[SETUP] = {
         "n_tiles": {"rr": n_rr, "fr": 0 if needs_ref else n_fr},
         "dataset": dataset, "method": method, "seed": seed,
+        "trained_on": params.models_dataset(dataset) if network else None,  # another dataset: cross-scene
         "kind": "network" if network else KIND.get(method, "classical"),
         "sensor": ctx.sensor,
         "ratio": ctx.ratio, "scale": ctx.scale, "bands": list(ctx.bands),

@@ -200,7 +200,7 @@ def _build(params: Params) -> list[Stage]:
         run = run_name(method, seed)
         out = f"{p.reports}/{ds}/{run}"
         network = method in params.train.methods
-        extra_deps = NETWORK_EVAL_CODE + [f"{p.models}/{ds}/{run}.pt"] if network else []
+        extra_deps = NETWORK_EVAL_CODE + [f"{p.models}/{params.models_dataset(ds)}/{run}.pt"] if network else []
         if network and params.network_of(method) in VARIANTS:
             extra_deps += BNNPAN_CODE
         stages.append(Stage(
