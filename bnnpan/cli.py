@@ -324,13 +324,15 @@ def evaluate(
 @_errors
 def report(params: Path = ParamsOpt, no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow")
            ) -> None:
-    """Write reports/summary.md, reports/metrics.csv and reports/figures/*.png for every evaluated method."""
+    """Write reports/summary.md, metrics.csv, metrics_tiles.csv, tables/*.tex and figures/*.png for every evaluated
+    method (every training seed's run of a network)."""
     from bnnpan.report.build import build_report
 
     p = load_params(params)
     try:
         paths = build_report(p.evaluated(), reports_dir=Path(p.paths.reports),
-                             prepared_dir=Path(p.paths.prepared), tile=p.report.tile)
+                             prepared_dir=Path(p.paths.prepared), tile=p.report.tile,
+                             seeds={m: list(p.train.seeds) for m in p.train.methods})
     except ValueError as e:  # a missing or malformed input (named in the message)
         raise ConfigError(str(e)) from None
     for k, v in paths.items():

@@ -295,7 +295,9 @@ def test_metrics_csv_round_trips(built):
     df = pd.read_csv(built["reports"] / "metrics.csv")
     assert list(zip(df.dataset, df.method, strict=True)) == built["pairs"]
     cols = ["dataset", "method", "kind"] + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")]
-    assert cols + ["n_tiles_reduced", "n_tiles_full"] == list(df.columns)
+    # one seed per method, no _mtf indices in these inputs: no d_s_mtf / hqnr_mtf columns
+    assert cols + ["n_tiles_reduced", "n_tiles_full", "n_seeds"] == list(df.columns)
+    assert (df.n_seeds == 1).all()
     for _, row in df.iterrows():
         e = built["expected"][row.dataset][row.method]
         assert row.kind == e["info"]["kind"]

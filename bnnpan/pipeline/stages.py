@@ -35,8 +35,8 @@ EVALUATE_CODE = ["bnnpan/eval/evaluate.py", "bnnpan/eval/metrics_rr.py", "bnnpan
                  "bnnpan/models/registry.py", "bnnpan/models/classical.py", "bnnpan/data/wald.py",
                  "bnnpan/environment.py"]
 REPORT_CODE = ["bnnpan/report/__init__.py", "bnnpan/report/build.py", "bnnpan/report/load.py",
-               "bnnpan/report/subbands.py", "bnnpan/report/stats.py", "bnnpan/report/tables.py",
-               "bnnpan/report/figures.py"]
+               "bnnpan/report/runs.py", "bnnpan/report/subbands.py", "bnnpan/report/stats.py",
+               "bnnpan/report/tables.py", "bnnpan/report/latex.py", "bnnpan/report/figures.py"]
 TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datasets.py", "bnnpan/models/networks.py",
               "bnnpan/models/backbone.py", "bnnpan/models/layers.py", "bnnpan/models/binarizers.py",
               "bnnpan/environment.py"]
@@ -220,18 +220,26 @@ def _build(params: Params) -> list[Stage]:
         report_deps += [f"{out}/metrics.json", f"{out}/tiles.csv", f"{out}/fused"]
     if evaluated:
         datasets = sorted({d for d, _ in evaluated})
+        # The LaTeX tables: results always; comparisons when the report compares binary networks; seeds when a
+        # network evaluated on the dataset was trained with several seeds (the report's own rules).
+        multi = len(params.train.seeds) > 1
+        tables = tuple(f"{p.reports}/tables/{d}_{t}.tex" for d in datasets for t in (
+            "results", *(("comparisons",) if _comparisons_due(params, d, evaluated) else ()),
+            *(("seeds",) if multi and any(d == e and m in params.train.methods for e, m in evaluated) else ())))
+        tables_out = (f"{p.reports}/summary.md", f"{p.reports}/metrics.csv", f"{p.reports}/metrics_tiles.csv",
+                      *tables)
         stages.append(Stage(
             name="report",
             cmd=("bnnpan", "report"),
             deps=tuple(REPORT_CODE + report_deps + [f"{p.prepared}/{d}" for d in datasets]),
-            params=("report",),
-            outs=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
+            params=("report", "train.seeds"),
+            outs=tables_out,
             plots=tuple(f"{p.reports}/figures/{d}_{kind}.png" for d in datasets for kind in ("metrics", "visual"))
             + tuple(f"{p.reports}/figures/{d}_subbands.png" for d in datasets
                     if any((d, m) in evaluated for m in SUBBAND_METHODS))
             + tuple(f"{p.reports}/figures/{d}_stats.png" for d in datasets if _comparisons_due(params, d, evaluated)),
-            uncached=(f"{p.reports}/summary.md", f"{p.reports}/metrics.csv"),
-            desc="summary.md, metrics.csv and figures for every evaluated method",
+            uncached=tables_out,
+            desc="summary.md, metrics.csv, metrics_tiles.csv, LaTeX tables and figures for every evaluated method",
         ))
     return [stages[0], *(replace(s, deps=(*s.deps, stamp), order_only=(stamp,)) for s in stages[1:])]
 

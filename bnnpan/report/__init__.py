@@ -1,9 +1,11 @@
 """The report stage: tables and figures for every evaluated method.
 
 Modules, by responsibility: :mod:`~bnnpan.report.load` reads what ``bnnpan evaluate`` and
-``bnnpan prepare`` wrote (with clear errors), :mod:`~bnnpan.report.subbands` the sub-band error
+``bnnpan prepare`` wrote (with clear errors), :mod:`~bnnpan.report.runs` combines a method's training
+seeds and compares the runs' environments, :mod:`~bnnpan.report.subbands` the sub-band error
 analysis, :mod:`~bnnpan.report.stats` the paired statistics over the test tiles,
-:mod:`~bnnpan.report.tables` the markdown, :mod:`~bnnpan.report.figures` the matplotlib figures,
+:mod:`~bnnpan.report.tables` the markdown, :mod:`~bnnpan.report.latex` the LaTeX tables,
+:mod:`~bnnpan.report.figures` the matplotlib figures,
 and :mod:`~bnnpan.report.build` the entry point that ties them together.
 
 Constants shared with the stage list live here (importing them does not load matplotlib).

@@ -1,12 +1,15 @@
 """The report's figures (matplotlib, Agg backend): indices per method, the visual comparison, sub-bands.
 
 Each function draws one figure from the loaded inputs and saves it atomically with
-:func:`save_fig`: at most about a megapixel (the report lives in git) and without the matplotlib
-version in the PNG metadata, so the same inputs give byte-identical files.
+:func:`save_fig`: at most about a megapixel by default (the report lives in git; the indices and
+visual figures are saved at full DPI so their text and panels stay readable, the visual one
+palette-encoded above 1.5 MB) and without the matplotlib version in the PNG metadata, so the same
+inputs give byte-identical files.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -37,82 +40,109 @@ from bnnpan.report.tables import arrow, fmt  # noqa: E402
 
 PNG_METADATA = {"Software": None}  # no matplotlib version in the PNGs: same inputs, same bytes
 DPI = 110
-VISUAL_COLUMNS = 6  # panels per row of the visual comparison (GT + 5 methods)
+VISUAL_COLUMNS = 5  # panels per row of the visual comparison (GT + 4 methods)
 
 
-def save_fig(fig: plt.Figure, path: Path, max_pixels: float = 1.0e6) -> Path:
+def save_fig(fig: plt.Figure, path: Path, max_pixels: float = 1.0e6, max_bytes: int | None = None) -> Path:
     """Save at DPI, lowered when needed so the PNG stays under ``max_pixels`` (image grids of many
-    methods are large and compress badly: the report lives in git)."""
+    methods are large and compress badly: the report lives in git).
+
+    ``max_bytes``: when the PNG is larger, it is re-encoded with a 256-colour palette (median cut, no
+    dithering: deterministic, and no dither noise to mistake for a fusion artefact), which about thirds
+    the size of a grid of photographs at the cost of slight banding in smooth gradients.
+    """
     w, h = fig.get_size_inches()
     dpi = min(DPI, (max_pixels / (w * h)) ** 0.5)
     try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, metadata=PNG_METADATA)
+        data = buf.getvalue()
+        if max_bytes is not None and len(data) > max_bytes:
+            data = _palette_png(data)
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi, metadata=PNG_METADATA)
+            tmp.write_bytes(data)
         return path
     finally:
         plt.close(fig)
 
 
+def _palette_png(data: bytes) -> bytes:
+    """``data`` (a PNG) re-encoded with a 256-colour median-cut palette; PIL writes no version or date chunk."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        pal = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    pal.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+METRICS_FONT = 9.5  # pt at the saved size (the figure is saved at DPI, not scaled down)
+
+
 def metrics_figure(dataset: str, methods: list[str], results: dict[str, dict[str, Any]], best: dict[str, set[str]],
-                   path: Path) -> Path:
-    """One bar chart per index (error bars = std); ``best[key]`` (a significant winner) outlined in black."""
-    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+                   path: Path, indices: list[tuple[str, str, bool]] | None = None) -> Path:
+    """Dot-and-interval plot per index: methods on the y axis (top to bottom in table order), one panel per
+    index with its own x range fitted to the means ± std (so small differences between many methods are
+    seen, unlike bars from 0), the significant winner (``best[key]``) as a red dot with its label in bold."""
+    indices = METRICS if indices is None else indices
+    n = len(methods)
+    ncol = min(len(indices), 6)
+    nrow = -(-len(indices) // ncol)
     longest = max(len(m) for m in methods)
-    width = max(13.0, 5 * (0.6 + 0.36 * len(methods)))
-    fig, axes = plt.subplots(2, 5, figsize=(width, 6.0 + 0.11 * longest))
-    x = np.arange(len(methods))
-    small = len(methods) <= 6  # value labels fit horizontally
-    for ax, (key, label, up) in zip(axes.ravel(), METRICS, strict=True):
+    label_w = 0.3 + 0.085 * longest  # inches of y tick labels at METRICS_FONT
+    panel_h = 0.3 * n + 0.9
+    fig, axes = plt.subplots(nrow, ncol, squeeze=False, sharey=True,
+                             figsize=(label_w + 2.35 * ncol, nrow * panel_h + 0.9))
+    y = np.arange(n)[::-1]
+    for ax, (key, label, up) in zip(axes.ravel(), indices, strict=False):
         stats = [stat(results[m], key) for m in methods]
-        means = np.array([s[0] if s[0] is not None and math.isfinite(s[0]) else np.nan for s in stats])
-        stds = np.array([s[1] if s[1] is not None and math.isfinite(s[1]) else 0.0 for s in stats])
         winner = best.get(key, set())
-        bars = ax.bar(
-            x, np.nan_to_num(means), yerr=np.where(np.isnan(means), np.nan, stds), capsize=3,
-            color=[colours(i % colours.N) for i in range(len(methods))],
-            edgecolor=["black" if m in winner else "none" for m in methods], linewidth=1.6,
-            error_kw={"elinewidth": 1, "ecolor": "0.25"},
-        )
-        for i, (b, (mean, _)) in enumerate(zip(bars, stats, strict=True)):
+        finite = [(mean, std or 0.0) for mean, std in stats if mean is not None and math.isfinite(mean)]
+        if finite:
+            lo = min(m - (s if math.isfinite(s) else 0.0) for m, s in finite)
+            hi = max(m + (s if math.isfinite(s) else 0.0) for m, s in finite)
+            pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.01, 1e-6)
+            ax.set_xlim(lo - pad, hi + pad)
+        for yi, m, (mean, std) in zip(y, methods, stats, strict=True):
             if mean is None or not math.isfinite(mean):
                 text = "n/a" if mean is None else fmt(mean, key)
-                ax.text(
-                    i, 0.02, text, ha="center", va="bottom", fontsize=8 if mean is None else 12, color="0.3",
-                    fontweight="bold" if methods[i] in winner else "normal",
-                    transform=ax.get_xaxis_transform(),  # x in data, y in axes fraction
-                )
-                b.set_visible(False)
-        finite = means[np.isfinite(means)]
-        if finite.size:
-            lo = float(np.min(finite - stds[np.isfinite(means)]))
-            hi = float(np.max(finite + stds[np.isfinite(means)]))
-            if key == "psnr" and lo > 0:  # PSNR differences are small against its size: zoom in
-                pad = 0.15 * (hi - lo) + 0.5
-                ax.set_ylim(max(0.0, lo - pad), hi + pad * (1.0 if small else 2.0))
-            else:
-                ax.set_ylim(min(0.0, lo * 1.1), hi * (1.15 if small else 1.3) if hi > 0 else 1.0)
-        ax.set_title(f"{label} {arrow(up)}", fontsize=11, fontweight="bold", loc="left")
-        ax.set_title("RR" if key in REDUCED_METRICS else "FR", fontsize=8, color="0.4", loc="right")
-        for i, (mean, std) in enumerate(stats):
-            if mean is not None and math.isfinite(mean):
-                ax.annotate(
-                    fmt(mean, key), (i, mean + (std if std is not None and math.isfinite(std) else 0.0)),
-                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
-                    fontsize=7 if small else 6, rotation=0 if small else 90, color="0.2",
-                )
-        ax.set_xticks(x)
-        ax.set_xticklabels(methods, rotation=40, ha="right", fontsize=9)
-        ax.tick_params(axis="y", labelsize=8)
-        ax.grid(axis="y", alpha=0.3)
+                ax.text(0.5, yi, text, ha="center", va="center", fontsize=METRICS_FONT, color="0.4",
+                        transform=ax.get_yaxis_transform())
+                continue
+            colour = "C3" if m in winner else "0.2"
+            if std is not None and math.isfinite(std) and std > 0:
+                ax.plot([mean - std, mean + std], [yi, yi], color=colour, lw=1.6, solid_capstyle="butt")
+            ax.plot([mean], [yi], "o", color=colour, ms=6 if m in winner else 4.5, zorder=3)
+        ax.set_title(f"{label} {arrow(up)}  ({'RR' if key in REDUCED_METRICS else 'FR'})", fontsize=METRICS_FONT + 1,
+                     fontweight="bold", loc="left")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.tick_params(axis="x", labelsize=METRICS_FONT - 0.5)
+        ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
+        ax.set_ylim(-0.6, n - 0.4)
+    for ax in axes[:, 0]:
+        ax.set_yticks(y)
+        ax.set_yticklabels(methods, fontsize=METRICS_FONT)
+    for r in range(nrow):  # bold labels of the methods that win a column of this row
+        row_winners = {m for ax, (k, _, _) in zip(axes[r], indices[r * ncol:(r + 1) * ncol], strict=False)
+                       for m in best.get(k, set())}
+        for t in axes[r, 0].get_yticklabels():
+            if t.get_text() in row_winners:
+                t.set_fontweight("bold")
+                t.set_color("C3")
+    for ax in axes.ravel()[len(indices):]:
+        ax.set_visible(False)
     fig.suptitle(
-        f"{dataset}: mean ± std over the test tiles    RR = reduced resolution (Wald protocol, "
-        "reference = original MS); FR = full resolution (no reference); black outline = best with a significant "
-        "lead over the runner-up (paired over the tiles, see summary.md)",
-        fontsize=11,
+        f"{dataset}: dot = mean, bar = ± std (population) over the (tile, seed) values; RR = reduced resolution "
+        "(Wald, reference = original MS), FR = full resolution (no reference);\n"
+        "each index on its own axis range; red = best with a significant lead over the runner-up "
+        "(paired test, see summary.md)",
+        fontsize=METRICS_FONT + 0.5,
     )
     fig.tight_layout()
-    return save_fig(fig, path)
+    w, h = fig.get_size_inches()
+    return save_fig(fig, path, max_pixels=w * h * DPI**2)
 
 
 def _grouped_bars(ax: plt.Axes, groups: list[str], series: dict[str, list[float | None]], colour: dict[str, Any],
@@ -206,6 +236,32 @@ def _tile_scene(tiles: dict[str, pd.DataFrame | None], tile: int) -> str | None:
     return None
 
 
+def detail_window(pan: np.ndarray, side: int, cut: int = 0) -> tuple[int, int]:
+    """Top-left corner (row, col) of the ``side`` x ``side`` window of highest PAN gradient energy.
+
+    Why: the crop shown enlarged in the visual comparison should hold the details (edges, texture) where
+    fusion methods differ, not a flat field; choosing it from the PAN (an input, the same for every method)
+    favours none of them, and it is deterministic (the first maximum in row-major order). The window stays
+    inside the ``cut`` px border when it fits there (the indices ignore the border).
+    """
+    p = np.asarray(pan, dtype=np.float64)
+    h, w = p.shape
+    side = max(1, min(side, h, w))
+    gy, gx = np.gradient(p)
+    energy = gy * gy + gx * gx
+    integral = np.pad(energy, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = (integral[side:, side:] - integral[:-side, side:] - integral[side:, :-side] + integral[:-side, :-side])
+    lo = cut if h - 2 * cut >= side and w - 2 * cut >= side else 0
+    r_hi, c_hi = (h - side - lo, w - side - lo)
+    window = sums[lo : r_hi + 1, lo : c_hi + 1]
+    r, c = np.unravel_index(int(np.argmax(window)), window.shape)
+    return int(r) + lo, int(c) + lo
+
+
+VISUAL_PANEL = 3.0  # inches per panel at DPI: about 330 px, so a 256 px tile is seen at its own resolution
+VISUAL_MAX_BYTES = 1_500_000
+
+
 def visual_figure(
     dataset: str,
     methods: list[str],
@@ -214,6 +270,13 @@ def visual_figure(
     visual: Visual,
     path: Path,
 ) -> Path:
+    """Ground truth and every method's fusion of one test tile, each with an enlarged detail crop below it and
+    its absolute error below that (the ground truth's column: GT, its crop, the PAN).
+
+    All RGB panels share the GT's 2-98 % stretch, all error maps one colour scale; the crop (a quarter of the
+    tile's side, :func:`detail_window`) is outlined on every full view and shown with nearest-neighbour
+    enlargement, so pixels stay pixels. Saved at full resolution (panels of about 330 px) and re-encoded with
+    a palette if it would exceed :data:`VISUAL_MAX_BYTES`."""
     gt, pan, attrs, fused, tile = visual.gt, visual.pan, visual.attrs, visual.fused, visual.tile
     info = setup(results[methods[0]])
     rgb = _rgb_indices(attrs, info, gt.shape[0])
@@ -225,42 +288,58 @@ def visual_figure(
     vmax = float(np.percentile(all_err, 99.5)) if all_err.size else 1.0
     vmax = vmax if vmax > 0 else 1.0
     plo, phi = np.percentile(pan, [2, 98])
+    cut = int(info.get("border_cut") or 0)
+    h, w = gt.shape[1:]
+    side = max(4, min(h, w) // 4)
+    r0, c0 = detail_window(pan, side, cut)
 
-    # Panels: (GT, PAN) then (method RGB, method error), wrapped every VISUAL_COLUMNS panels.
+    # Panels: (GT, GT crop, PAN) then (method RGB, crop, error), wrapped every VISUAL_COLUMNS panels.
     n_panels = 1 + len(methods)
     ncol = min(n_panels, VISUAL_COLUMNS)
     nblock = -(-n_panels // ncol)
-    side = 2.7
     fig, axes = plt.subplots(
-        2 * nblock, ncol, figsize=(side * ncol + 0.9, 2 * nblock * side + 0.6 + 0.4 * nblock),
+        3 * nblock, ncol, figsize=(VISUAL_PANEL * ncol + 1.0, 3 * nblock * (VISUAL_PANEL + 0.35) + 0.7),
         squeeze=False, layout="constrained",
     )
 
-    def slot(k: int) -> tuple[plt.Axes, plt.Axes]:
+    def slot(k: int) -> tuple[plt.Axes, plt.Axes, plt.Axes]:
         r, c = divmod(k, ncol)
-        return axes[2 * r, c], axes[2 * r + 1, c]
+        return axes[3 * r, c], axes[3 * r + 1, c], axes[3 * r + 2, c]
+
+    def outline(ax: plt.Axes) -> None:
+        ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), side, side, fill=False, lw=1.2, ec="yellow"))
+
+    def crop(a: np.ndarray) -> np.ndarray:
+        return a[..., r0 : r0 + side, c0 : c0 + side]
 
     scene = _tile_scene(tiles, tile)
-    top, bottom = slot(0)
-    top.imshow(np.moveaxis(_stretch(gt[rgb], lo, hi), 0, -1), interpolation="nearest")
+    top, mid, bottom = slot(0)
+    gt_rgb = np.moveaxis(_stretch(gt[rgb], lo, hi), 0, -1)
+    top.imshow(gt_rgb, interpolation="nearest")
+    outline(top)
     top.set_title("ground truth (RGB)\n" + (f"scene {scene}" if scene else f"tile {tile}"), fontsize=9)
+    mid.imshow(crop(np.moveaxis(gt_rgb, -1, 0)).transpose(1, 2, 0), interpolation="nearest")
+    mid.set_title(f"ground truth, detail ({side} x {side} px)", fontsize=9)
     bottom.imshow(np.clip((pan - plo) / max(phi - plo, 1e-12), 0, 1), cmap="gray", interpolation="nearest")
+    outline(bottom)
     bottom.set_title("PAN (degraded input)", fontsize=9)
-    cut = info.get("border_cut") or 0
     im = None
     error_axes = []
     for k, m in enumerate(methods, start=1):
-        top, bottom = slot(k)
-        top.imshow(np.moveaxis(_stretch(fused[m][rgb], lo, hi), 0, -1), interpolation="nearest")
+        top, mid, bottom = slot(k)
+        view = np.moveaxis(_stretch(fused[m][rgb], lo, hi), 0, -1)
+        top.imshow(view, interpolation="nearest")
+        outline(top)
         s = _tile_scores(tiles.get(m), tile)
         score = "  ".join(
             f"{lab} {fmt(s[key], key)}" for key, lab in (("q2n", "Q2n"), ("ergas", "ERGAS")) if key in s
         )
         top.set_title(f"{m}\n{score}" if score else m, fontsize=9)
+        mid.imshow(view[r0 : r0 + side, c0 : c0 + side], interpolation="nearest")
+        mid.set_title(f"{m}, detail", fontsize=9)
         im = bottom.imshow(errors[m], cmap="inferno", vmin=0, vmax=vmax, interpolation="nearest")
         bottom.set_title(f"|{m} − GT|", fontsize=9)
         error_axes.append(bottom)
-        h, w = errors[m].shape
         if 0 < cut and 2 * cut < min(h, w):
             bottom.add_patch(
                 Rectangle((cut - 0.5, cut - 0.5), w - 2 * cut, h - 2 * cut, fill=False, ls="--", lw=0.8, ec="cyan")
@@ -272,17 +351,19 @@ def visual_figure(
         ax.set_xticks([])
         ax.set_yticks([])
     if im is not None:
-        cb = fig.colorbar(im, ax=error_axes, shrink=0.9 if nblock == 1 else 0.6, pad=0.01, extend="max")
-        cb.set_label("mean |error| over bands (DN)", fontsize=8)
-        cb.ax.tick_params(labelsize=7)
+        cb = fig.colorbar(im, ax=error_axes, shrink=0.9 if nblock == 1 else 0.5, pad=0.01, extend="max")
+        cb.set_label("mean |error| over bands (DN)", fontsize=9)
+        cb.ax.tick_params(labelsize=8)
     band_names = info.get("bands") or attrs.get("bands") or []
     rgb_txt = "/".join(str(band_names[i]) for i in rgb) if len(band_names) > max(rgb) else str(rgb)
     fig.suptitle(
-        f"{dataset}, reduced-resolution test tile {tile}: RGB = {rgb_txt}, GT 2-98 % stretch for all"
+        f"{dataset}, reduced-resolution test tile {tile}: RGB = {rgb_txt}, GT 2-98 % stretch for all; yellow = the "
+        f"detail crop (highest PAN gradient energy), enlarged below each view"
         + (f"; dashed = {cut} px border cut" if cut else ""),
         fontsize=10,
     )
-    return save_fig(fig, path)
+    fw, fh = fig.get_size_inches()
+    return save_fig(fig, path, max_pixels=fw * fh * DPI**2, max_bytes=VISUAL_MAX_BYTES)
 
 
 def _interval_panel(ax: plt.Axes, key: str, rows: list[str], diffs: dict[str, PairedDiff], fixed: dict[str, str],

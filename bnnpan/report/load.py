@@ -44,6 +44,13 @@ METRICS: list[tuple[str, str, bool]] = [
 ]
 REDUCED_METRICS = ("psnr", "sam", "ergas", "q2n", "scc", "q")
 FULL_METRICS = ("d_lambda", "d_s", "hqnr", "qnr")
+# Full-resolution indices only some datasets have (``pan_degradation: mtf``): D_s and HQNR with an MTF-filtered,
+# decimated PAN_L beside the toolbox's bicubic one. Columns of their own, shown only where some run has them.
+OPTIONAL_METRICS: list[tuple[str, str, bool]] = [
+    ("d_s_mtf", "D_s (MTF PAN_L)", False),
+    ("hqnr_mtf", "HQNR (MTF PAN_L)", True),
+]
+ALL_METRICS = METRICS + OPTIONAL_METRICS
 # The groups of metrics.json (bnnpan.eval.evaluate writes them; not imported, so that this stage
 # depends on this file alone): indices.rr / indices.fr, network_cost (networks only), setup.
 INDICES, COST, SETUP = "indices", "network_cost", "setup"
@@ -78,7 +85,9 @@ def load_metrics(path: Path) -> dict[str, Any]:
 
 
 def stat(m: dict[str, Any], key: str) -> tuple[float | None, float | None]:
-    """(mean, std) of index ``key`` in a metrics dictionary; None for a value not computed."""
+    """(mean, std) of index ``key`` in a metrics dictionary; None for a value not computed.
+
+    Every index but the six reduced-resolution ones is read from ``indices.fr``."""
     group = (m.get(INDICES) or {}).get("rr" if key in REDUCED_METRICS else "fr") or {}
     v = group.get(key)
     if not isinstance(v, dict):
@@ -134,8 +143,8 @@ def per_tile(tiles: pd.DataFrame | None, key: str) -> dict[tuple[int, int], floa
     """Index ``key`` per test tile, ``{(tile, seed): value}``, from a frame of :func:`load_tiles`.
 
     The rows of the resolution the index is computed at: ``reduced`` for PSNR, SAM, ERGAS, Q2n, SCC
-    and Q, ``full`` for D_λ, D_s, HQNR and QNR (the two are different sets of tiles). Missing and NaN
-    values are left out; None when there is no frame or no column ``key`` (no per-tile values).
+    and Q, ``full`` for D_λ, D_s, HQNR, QNR and the ``_mtf`` variants (the two are different sets of tiles).
+    Missing and NaN values are left out; None when there is no frame or no column ``key`` (no per-tile values).
     """
     if tiles is None or key not in tiles.columns:
         return None
@@ -214,8 +223,14 @@ class Visual:
     fused: dict[str, np.ndarray]
 
 
-def load_visual(reports_dir: Path, prepared_dir: Path, dataset: str, methods: list[str], tile: int) -> Visual:
-    """Test tile ``tile`` of ``dataset`` (ground truth, PAN, attributes) and every method's fusion of it."""
+def load_visual(reports_dir: Path, prepared_dir: Path, dataset: str, methods: list[str], tile: int,
+                folders: dict[str, str] | None = None) -> Visual:
+    """Test tile ``tile`` of ``dataset`` (ground truth, PAN, attributes) and every method's fusion of it.
+
+    ``folders[m]`` is the run folder of method ``m`` the fusion is read from (the first seed's run of a
+    network trained with several seeds); ``m`` itself when absent."""
     gt, pan, attrs = read_tile(prepared_dir / dataset / "test_rr.h5", tile)
-    fused = {m: read_fused(reports_dir / dataset / m / "fused" / f"rr_{tile:03d}.tif", gt.shape) for m in methods}
+    folders = folders or {}
+    fused = {m: read_fused(reports_dir / dataset / folders.get(m, m) / "fused" / f"rr_{tile:03d}.tif", gt.shape)
+             for m in methods}
     return Visual(tile, gt, pan, attrs, fused)

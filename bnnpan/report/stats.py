@@ -3,8 +3,9 @@
 Two methods scored on the same test tiles give paired per-tile values of an index; the question is
 whether their difference is consistent across the tiles or within the tile-to-tile spread. For the
 values ``a`` of a method and ``b`` of a reference on the pairs they share, keyed by ``(tile, seed)``
-(one training seed today, so pairs = tiles; a ``seed`` column in ``tiles.csv`` adds more), with the
-differences ``d = a - b``:
+(the ``seed`` column of ``tiles.csv``: a network trained with S seeds has S values per tile, so two such
+networks share tiles x S pairs, while a classical method, one run of seed 0, pairs with a network's seed-0
+run only), with the differences ``d = a - b``:
 
 * the **mean difference** ``mean(d)``, in the index's unit;
 * its **95 % bootstrap confidence interval**: :func:`scipy.stats.bootstrap` on ``(a, b)`` with
@@ -36,7 +37,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from bnnpan.report import FP_METHOD, comparisons_due
-from bnnpan.report.load import METRICS, binary_methods, per_tile, stat
+from bnnpan.report.load import ALL_METRICS, METRICS, binary_methods, per_tile, stat
 
 PairKey = tuple[int, int]  # (tile, seed)
 
@@ -48,8 +49,8 @@ SEED = 0
 STATS_INDICES = ("q2n", "ergas", "sam", "hqnr")
 #: the indices of the "Best binary method" line
 BEST_BINARY_INDICES = ("q2n", "ergas")
-HIGHER_IS_BETTER = {k: up for k, _, up in METRICS}
-LABELS = {k: label for k, label, _ in METRICS}
+HIGHER_IS_BETTER = {k: up for k, _, up in ALL_METRICS}
+LABELS = {k: label for k, label, _ in ALL_METRICS}
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class DatasetStats:
     binary: list[str]  # the binary networks, in table order
     has_fp: bool
     pairs: dict[str, dict[str, dict[PairKey, float] | None]]  # index -> method -> per-tile values
-    leads: dict[str, Lead]  # every index of METRICS, over every method: the bold marks
+    leads: dict[str, Lead]  # every index shown (METRICS and the optional ones present), over every method: bold
     binary_leads: dict[str, Lead]  # STATS_INDICES (BEST_BINARY_INDICES among them), over the binary networks
     vs_leader: dict[str, dict[str, PairedDiff]] = field(default_factory=dict)  # index -> method -> (m - leader)
     vs_fp: dict[str, dict[str, PairedDiff]] = field(default_factory=dict)  # index -> method -> (m - fp)
@@ -191,14 +192,17 @@ class DatasetStats:
 
 
 def dataset_stats(methods: list[str], results: dict[str, dict[str, Any]],
-                  tiles: Mapping[str, pd.DataFrame | None]) -> DatasetStats:
-    """The leads of every index over all methods, and every binary network against the leading binary network
-    of each of STATS_INDICES and against ``fp`` (when ``fp`` was evaluated)."""
+                  tiles: Mapping[str, pd.DataFrame | None],
+                  indices: list[tuple[str, str, bool]] | None = None) -> DatasetStats:
+    """The leads of every index of ``indices`` (default :data:`METRICS`) over all methods, and every binary
+    network against the leading binary network of each of STATS_INDICES and against ``fp`` (when ``fp`` was
+    evaluated)."""
+    indices = METRICS if indices is None else indices
     binary = binary_methods(methods, results)
     has_fp = FP_METHOD in methods
-    pairs = {key: {m: per_tile(tiles.get(m), key) for m in methods} for key, _, _ in METRICS}
-    means = {key: {m: stat(results[m], key)[0] for m in methods} for key, _, _ in METRICS}
-    leads = {key: lead(key, methods, means[key], pairs[key]) for key, _, _ in METRICS}
+    pairs = {key: {m: per_tile(tiles.get(m), key) for m in methods} for key, _, _ in indices}
+    means = {key: {m: stat(results[m], key)[0] for m in methods} for key, _, _ in indices}
+    leads = {key: lead(key, methods, means[key], pairs[key]) for key, _, _ in indices}
     binary_leads = {key: lead(key, binary, means[key], pairs[key]) for key in STATS_INDICES}
     out = DatasetStats(binary, has_fp, pairs, leads, binary_leads)
     for key in STATS_INDICES:

@@ -76,13 +76,15 @@ class Subbands:
 
 
 def load_subbands(
-    reports_dir: Path, prepared_dir: Path, dataset: str, methods: list[str], results: dict[str, dict[str, Any]]
+    reports_dir: Path, prepared_dir: Path, dataset: str, methods: list[str], results: dict[str, dict[str, Any]],
+    folders: dict[str, str] | None = None,
 ) -> Subbands | None:
     """Average :func:`subband_error_energy` over the reduced-resolution test tiles for fp/bnn/bnnpan.
 
     A method takes part when it was evaluated and has at least one ``fused/rr_NNN.tif`` of a tile
     of ``test_rr.h5``; the average runs over the tiles that every taking-part method has, so the
-    methods are compared on the same tiles. None when no method takes part.
+    methods are compared on the same tiles. None when no method takes part. ``folders[m]`` is the run
+    folder the fused tiles of ``m`` are read from (its first seed's run); ``m`` itself when absent.
     """
     candidates = [m for m in methods if m in SUBBAND_METHODS]
     if not candidates:
@@ -91,7 +93,7 @@ def load_subbands(
     n = n_test_tiles(h5_path)
 
     def rr(m: str, i: int) -> Path:
-        return reports_dir / dataset / m / "fused" / f"rr_{i:03d}.tif"
+        return reports_dir / dataset / (folders or {}).get(m, m) / "fused" / f"rr_{i:03d}.tif"
 
     have = {m: {i for i in range(n) if rr(m, i).is_file()} for m in candidates}
     used = [m for m in candidates if have[m]]

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from bnnpan.report import ABLATION_PREFIX, FP_METHOD, PROPOSED
-from bnnpan.report.load import COST, METRICS, REDUCED_METRICS, num, setup, stat
+from bnnpan.report.load import COST, METRICS, OPTIONAL_METRICS, REDUCED_METRICS, num, setup, stat
 from bnnpan.report.stats import (
     ALPHA,
     BEST_BINARY_INDICES,
@@ -110,15 +110,18 @@ def _cost_cells(cost: dict[str, Any] | None) -> list[str]:
             " / ".join("n/a" if v is None else f"{v / 1e3:.1f}" for v in sizes)]
 
 
-def results_table(methods: list[str], results: dict[str, dict[str, Any]], best: dict[str, set[str]]) -> list[str]:
-    """The main table: a row per method, mean ± std per index (``best[key]`` in bold), then the cost columns."""
-    head = (["Method", "Kind"] + [f"{label} {arrow(up)}" for _, label, up in METRICS]
+def results_table(methods: list[str], results: dict[str, dict[str, Any]], best: dict[str, set[str]],
+                  indices: list[tuple[str, str, bool]] | None = None) -> list[str]:
+    """The main table: a row per method, mean ± std per index of ``indices`` (default METRICS; ``best[key]`` in
+    bold), then the cost columns."""
+    indices = METRICS if indices is None else indices
+    head = (["Method", "Kind"] + [f"{label} {arrow(up)}" for _, label, up in indices]
             + ["Params (K eq.)", "OPs (M) 64² / 256²", "packed / FP32 file (kB)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(head) - 2)) + "|"]
     for m in methods:
         r = results[m]
         cells = [md(m), md(setup(r).get("kind", ""))]
-        for key, _, _ in METRICS:
+        for key, _, _ in indices:
             c = _cell(*stat(r, key), key)
             cells.append(f"**{c}**" if m in best.get(key, ()) else c)
         cells += _cost_cells(r.get(COST))
@@ -128,9 +131,11 @@ def results_table(methods: list[str], results: dict[str, dict[str, Any]], best: 
 
 def ties_line(leads: dict[str, Lead]) -> str | None:
     """Under the main table: the columns without a bold mark and why ("tied within noise (2 pairs): PSNR dB,
-    ..."); None when every column with two or more values has a winner."""
+    ..."); None when every column with two or more values has a winner. The pairs are (tile, seed) pairs."""
     groups: dict[str, list[str]] = {}
-    for key, label, _ in METRICS:
+    for key, label, _ in [*METRICS, *OPTIONAL_METRICS]:
+        if key not in leads:
+            continue
         ld = leads[key]
         if ld.runner_up is not None and claimed_winner(ld) is None:
             groups.setdefault(_no_winner(ld), []).append(label)
@@ -197,9 +202,10 @@ def _n_text(ns: list[int]) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def stats_section(dataset: str, st: DatasetStats) -> list[str]:
+def stats_section(dataset: str, st: DatasetStats, seeded: bool = False) -> list[str]:
     """The "Paired comparisons" section: each binary network against the leading binary network of each of
-    Q2n, ERGAS, SAM and HQNR and against fp, with the figure; [] when there is nothing to compare."""
+    Q2n, ERGAS, SAM and HQNR and against fp, with the figure; [] when there is nothing to compare. ``seeded``:
+    some method has several seeds (the text says how the (tile, seed) pairs are formed)."""
     if not st.due:
         return []
     diffs = [d for group in (st.vs_leader, st.vs_fp) for per in group.values() for d in per.values()]
@@ -220,8 +226,11 @@ def stats_section(dataset: str, st: DatasetStats) -> list[str]:
     lines = [
         "### Paired comparisons of the binary networks",
         "",
-        "Per test tile, Δ = method − reference (pairs keyed by (tile, training seed); one seed per method, so "
-        "pairs = tiles; Q2n, ERGAS and SAM over the reduced-resolution tiles, HQNR over the full-resolution "
+        "Per test tile, Δ = method − reference (pairs keyed by (tile, training seed)"
+        + ("; one seed per method, so pairs = tiles" if not seeded else
+           ": two networks trained with the same S seeds share tiles × S pairs, a network and a single-run "
+           "method only its seed-0 run's tiles")
+        + "; Q2n, ERGAS and SAM over the reduced-resolution tiles, HQNR over the full-resolution "
         f"ones). Each cell: the mean Δ, its {CONFIDENCE * 100:g} % bootstrap confidence interval "
         f"(`scipy.stats.bootstrap`, paired, percentile, {N_RESAMPLES} resamples, seed {SEED}) and the "
         "two-sided Wilcoxon signed-rank p-value (`scipy.stats.wilcoxon`). ↑: Δ > 0 favours the method, "
@@ -313,12 +322,14 @@ HOW_TO_READ = """\
 ## How to read this report
 
 Each dataset has one table: a row per method, a column per quality index, each cell the
-**mean ± std over the test tiles**; ↑ means higher is better, ↓ lower is better. The best value
+**mean ± std over the test tiles** (the population std; for a network trained with several seeds,
+over every (tile, seed) value: tiles × seeds values, and a "Seeds" table separates the spread over
+seeds from the spread over tiles); ↑ means higher is better, ↓ lower is better. The best value
 of a column is in **bold** only when its lead over the runner-up is significant, tested on the
 paired per-tile values (Wilcoxon signed-rank p < 0.05 and a 95 % bootstrap confidence interval of
 the mean difference that excludes 0) and visible at the shown precision; a line under the table
-names the columns without a winner ("tied within noise (n pairs)": n test tiles are too few, or
-the lead is within the tile-to-tile spread).
+names the columns without a winner ("tied within noise (n pairs)": n (tile, seed) pairs are too
+few, or the lead is within the tile-to-tile spread).
 The first six indices (PSNR, SAM, ERGAS, Q2n, SCC, Q) are computed at **reduced resolution**
 with Wald's protocol: PAN and MS are degraded by the resolution ratio, fused, and compared
 against the *original MS as ground truth*. The last four (D_λ, D_s, HQNR, QNR) are computed at
@@ -338,9 +349,16 @@ the machine and change from run to run, so they are not in this report: each met
 binary method" names the binary network that ranks first on Q2n and on ERGAS when its lead over
 the runner-up is significant by the same test, and says "tied within noise (n pairs)" otherwise
 (the bold marks are usually won by the full-precision `fp`; the `bnnpan_*` ablations are left out
-of that ranking but stay in the table). Then come a bar chart of the indices (error bars = std)
-and a visual comparison of one test tile: the RGB composites share the ground truth's 2-98 %
-stretch, and the error maps (|fused - GT| averaged over bands, in DN) share one colour scale.
+of that ranking but stay in the table). Then come a chart of the indices (dot = mean, bar = ± std
+over the (tile, seed) values, each index on its own fitted axis; a red dot = the significant winner)
+and a visual comparison of one test tile (the first seed's run of each network): the RGB composites
+share the ground truth's 2-98 % stretch, an enlarged crop (the window of highest PAN gradient
+energy, outlined on the full view) shows the details, and the error maps (|fused - GT| averaged
+over bands, in DN) share one colour scale. The conventions line of each dataset also says on which
+CPU, library versions, threads and device the compared runs were evaluated, and warns when they
+differ (float results may then differ in the last digits). The results, paired-comparisons and seeds
+tables are also written as LaTeX (booktabs) in `tables/`, with the same bold marks;
+`metrics_tiles.csv` has every per-(tile, seed) value behind the tables.
 A "Paired comparisons" section gives, for every binary network against the leading binary network
 of each of Q2n, ERGAS, SAM and HQNR and against `fp`, the mean per-tile difference, its 95 %
 bootstrap confidence interval and the Wilcoxon p-value, with a figure of the intervals (reduced-
@@ -352,6 +370,45 @@ LH/HL/HH (details) to test the premise that binarization loses the details relat
 of Q2n and ERGAS against `bnnpan`. A cell without a value (not computed, e.g. the full-resolution
 indices of `bnnpan_oracle_prior`, whose prior needs the ground truth) reads n/a.
 """
+
+
+def seeds_section(dataset: str, rows: dict[str, dict[str, Any]], seeds: dict[str, list[int]]) -> list[str]:
+    """The "Seeds" table: per network (``rows``: :func:`bnnpan.report.runs.seed_rows`; ``seeds``: each network's
+    training seeds), for each of Q2n, ERGAS, SAM and HQNR the mean ± std over seeds of the per-seed tile means
+    (number of seeds), and the mean within-seed std over tiles; [] without networks."""
+    if not rows:
+        return []
+    from bnnpan.report.runs import SEED_INDICES
+
+    head = ["Method", "Seeds"]
+    for key in SEED_INDICES:
+        head += [f"{LABELS[key]} {arrow(HIGHER_IS_BETTER[key])} over seeds", f"{LABELS[key]} std over tiles"]
+    lines = [
+        "### Seeds",
+        "",
+        "Each network trained with several seeds is one run per seed. Per index: the **mean ± std over seeds of "
+        "the per-seed tile means** (the sample std, ddof = 1, over the seeds; the number of seeds in brackets): "
+        "how much the result moves with the training seed; then the **mean within-seed std over tiles** (each "
+        "run's population std over its test tiles, averaged over the seeds): how much it moves from tile to "
+        "tile. Q2n, ERGAS and SAM over the reduced-resolution tiles, HQNR over the full-resolution ones.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join([":---", ":---"] + ["---:"] * (len(head) - 2)) + "|",
+    ]
+    for m, cells in rows.items():
+        line = [md(m), ", ".join(str(x) for x in seeds.get(m, [0]))]
+        for key in SEED_INDICES:
+            c = cells[key]
+            line += [seed_cell_text(c, key), _plain(c.within, key)]
+        lines.append("| " + " | ".join(line) + " |")
+    return lines + ["", f"LaTeX: [`tables/{dataset}_seeds.tex`](tables/{dataset}_seeds.tex)", ""]
+
+
+def seed_cell_text(c: Any, key: str) -> str:
+    """"0.9123 ± 0.0012 (3)"; the std n/a with one seed; "n/a (0)" without a value."""
+    if c.mean is None:
+        return f"n/a ({c.n})"
+    return f"{_cell(c.mean, c.std, key) if c.std is not None else fmt(c.mean, key) + ' ± n/a'} ({c.n})"
 
 
 def tile_counts(methods: list[str], results: dict[str, dict[str, Any]]) -> str:
@@ -367,7 +424,11 @@ def tile_counts(methods: list[str], results: dict[str, dict[str, Any]]) -> str:
     return f"Test tiles (reduced / full resolution; they differ between methods, compare with care): {per}."
 
 
-def conventions(results: dict[str, dict[str, Any]], methods: list[str]) -> str:
+def conventions(results: dict[str, dict[str, Any]], methods: list[str],
+                indices: list[tuple[str, str, bool]] | None = None, environment: str = "") -> str:
+    """The dataset's conventions line: sensor, ratio, bands, DN scale, PSNR peak, border cut, block size; which
+    D_s / HQNR is which when the ``_mtf`` variants are among ``indices``; then the ``environment`` line of the
+    compared runs (:func:`bnnpan.report.runs.environment_line`)."""
     info = setup(results[methods[0]])
     bits = []
     if info.get("sensor"):
@@ -386,7 +447,15 @@ def conventions(results: dict[str, dict[str, Any]], methods: list[str]) -> str:
         bits.append(f"{info['block']} x {info['block']} blocks")
     peaks = {_g(setup(results[m]).get("psnr_peak")) for m in methods}
     note = "" if len(peaks) <= 1 else f" (warning: the methods used different PSNR peaks: {sorted(peaks)})"
-    return "Conventions: " + "; ".join(bits) + "." + note
+    text = "Conventions: " + "; ".join(bits) + "." + note
+    optional = [label for key, label, _ in OPTIONAL_METRICS if any(k == key for k, _, _ in indices or [])]
+    if optional:
+        text += (" D_s and HQNR are the toolbox's (D_s's PAN_L is the bicubic shrink of the PAN, protocol.md); "
+                 + " and ".join(optional) + " use an MTF-filtered, decimated PAN_L, as this dataset's "
+                 "reduced-resolution inputs are made.")
+    if environment:
+        text += " " + environment
+    return text
 
 
 def _g(v: Any) -> str:
@@ -461,15 +530,19 @@ def subband_section(dataset: str, sb: Subbands) -> list[str]:
     return lines
 
 
-def metrics_frame(order: dict[str, list[str]], results: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFrame:
-    """``metrics.csv``: one row per (dataset, method) in ``order``: kind, mean and std of every index, the
-    cost figures of networks (``<figure>_<64|256|file>``) and the tile counts."""
+def metrics_frame(order: dict[str, list[str]], results: dict[str, dict[str, dict[str, Any]]],
+                  optional: list[str] | None = None) -> pd.DataFrame:
+    """``metrics.csv``: one row per (dataset, method) in ``order``: kind, mean and std of every index (those of
+    METRICS, then the optional indices named in ``optional``: empty for a dataset without them), the cost
+    figures of networks (``<figure>_<64|256|file>``), the tile counts and the number of training seeds (the
+    mean and std of a method with several are over every (tile, seed) value)."""
+    index_keys = [k for k, _, _ in METRICS] + [k for k, _, _ in OPTIONAL_METRICS if k in (optional or [])]
     rows = []
     for d, methods in order.items():
         for m in methods:
             r = results[d][m]
             row: dict[str, Any] = {"dataset": d, "method": m, "kind": setup(r).get("kind")}
-            for key, _, _ in METRICS:
+            for key in index_keys:
                 row[f"{key}_mean"], row[f"{key}_std"] = stat(r, key)
             for size, c in (r.get(COST) or {}).items():
                 keys = ("packed_bytes", "fp32_bytes") if size == "file" else (
@@ -479,5 +552,6 @@ def metrics_frame(order: dict[str, list[str]], results: dict[str, dict[str, dict
             n = setup(r).get("n_tiles") or {}
             row["n_tiles_reduced"] = n.get("rr")
             row["n_tiles_full"] = n.get("fr")
+            row["n_seeds"] = len(setup(r).get("seeds") or [0])
             rows.append(row)
     return pd.DataFrame(rows)
