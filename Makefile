@@ -21,8 +21,10 @@ setup: $(STAMP)  ## create .venv and install bnnpan with its dev tools
 run: setup  ## fetch -> prepare -> ... on the default scene (Snakemake + MLflow + dvc commit)
 	bnnpan run --cores $(CORES)
 
-run-all: run  ## also the ablations (reports/ablations/) and the WorldView-2 profile (needs ../shared/data)
+run-all: run  ## also the ablations, 3 seeds, the cross-scene test and WorldView-2 (needs ../shared/data)
 	bnnpan run --params profiles/ablations/params.yaml
+	bnnpan run --params profiles/seeds/params.yaml
+	bnnpan run --params profiles/crossscene/params.yaml
 	bnnpan run --params profiles/worldview2/params.yaml
 
 test: setup  ## the test suite (what CI runs): unit + integration tests, real data

@@ -160,15 +160,15 @@ def test_snakemake_runs_only_an_added_seed(tmp_path):
 
 def test_adding_a_seed_leaves_every_existing_stage_as_it_was():
     """What DVC compares (command, deps, params, outs) is unchanged for every stage of seed 0 when seed 1 is
-    added, except the report, which gains the new runs as deps; no stage depends on `train.seeds` itself.
+    added, except the report, which gains the new runs as deps; no other stage depends on `train.seeds`.
     The new stages are seed 1's, with `_seed1` names, paths and `--seed 1` commands."""
     from bnnpan.pipeline.stages import dvc_yaml
 
     base = load_params(REPO / "params.yaml")
     one, two = (dvc_yaml(build_stages(_with_seeds(base, s)))["stages"] for s in ([0], [0, 1]))
     for name, st in one.items():
-        assert "train.seeds" not in st.get("params", []), name
-        if name != "report":
+        if name != "report":  # the report lists the runs of train.seeds (and its seeds table)
+            assert "train.seeds" not in st.get("params", []), name
             assert two[name] == st, name
     added = set(two) - set(one)
     assert added == {f"{n}_seed1" for n in one if n.startswith(("train_", "pretrain_prior_", "evaluate_"))
@@ -183,6 +183,7 @@ def test_adding_a_seed_leaves_every_existing_stage_as_it_was():
 
 
 PROFILES = ["params.yaml", "profiles/ablations/params.yaml", "profiles/seeds/params.yaml",
+            "profiles/crossscene/params.yaml",
             "profiles/worldview2/params.yaml",
             "profiles/pancollection/params.yaml"]
 
@@ -373,15 +374,19 @@ def test_readme_exp_show_command_keeps_bnnpans_key_indices_and_the_params():
     assert not [p for p in params if drop.match(p)]  # a changed param is shown
 
 
-@pytest.mark.parametrize("profile", ["profiles/ablations/params.yaml", "profiles/seeds/params.yaml"])
+@pytest.mark.parametrize("profile", ["profiles/ablations/params.yaml", "profiles/seeds/params.yaml",
+                                     "profiles/crossscene/params.yaml"])
 def test_profiles_sharing_the_default_models_keep_its_settings(profile):
     """The ablations and seeds profiles share data/prepared and models/ with params.yaml, and their runs of the
     main run's methods resume from its finished checkpoints: every setting that shapes the data or a run must
     be params.yaml's (only the methods, seeds and the reports folder may differ), or the profile would prepare
     over the main dataset or retrain the main run's models."""
     main, prof = (load_params(REPO / f).model_dump(mode="json") for f in ("params.yaml", profile))
-    for key in ("device", "threads", "scenes", "datasets", "model", "prior", "tracking"):
+    for key in ("device", "threads", "model", "prior", "tracking"):
         assert prof[key] == main[key], key
+    for key in ("scenes", "datasets"):  # the cross-scene profile adds its test-only scene and dataset
+        assert {k: prof[key][k] for k in main[key]} == main[key], key
+        assert all(prof["datasets"][d]["models_from"] for d in set(prof["datasets"]) - set(main["datasets"]))
     assert {k: v for k, v in prof["paths"].items() if k != "reports"} == {
         k: v for k, v in main["paths"].items() if k != "reports"}
     assert prof["paths"]["reports"] != main["paths"]["reports"]

@@ -44,6 +44,9 @@ What it shows, and why:
   ``fp``, ``bnn``, ``bnnpan`` has fused tiles: the error of each is split by a one-level Haar
   DWT into LL/LH/HL/HH (:func:`bnnpan.report.subbands.subband_error_energy`), to test the paper's premise that
   binarization degrades the detail bands relatively more than full precision does.
+* A "Cross-scene" table under a test-only dataset (``models_from``: networks trained on another dataset,
+  tested on scenes they never saw) when that other dataset is reported too: each method's Q2n, ERGAS, SAM and
+  HQNR in-scene and cross-scene side by side, the change, and its Q2n rank in each.
 * An "Ablations" table when ``bnnpan`` and at least one ``bnnpan_*`` variant were evaluated:
   each variant's main indices and cost, and its change of Q2n and ERGAS against ``bnnpan``.
 
@@ -95,6 +98,7 @@ from bnnpan.report.tables import (
     ablations_section,
     best_binary_line,
     conventions,
+    cross_scene_section,
     metrics_frame,
     results_table,
     scenes,
@@ -103,6 +107,7 @@ from bnnpan.report.tables import (
     subband_section,
     ties_line,
     tile_counts,
+    trained_on,
     winners,
 )
 
@@ -240,6 +245,9 @@ def build_report(
         if subbands[d] is not None:
             lines += subband_section(d, subbands[d])
         lines += ablations_section(methods, results[d])
+        source = trained_on(methods, results[d])
+        if source is not None and source in results:
+            lines += cross_scene_section(d, source, methods, results[d], results[source])
     text = "\n".join(lines).rstrip() + "\n"
     written["summary"] = _text(reports_dir / "summary.md", text)
     return written

@@ -555,3 +555,58 @@ def metrics_frame(order: dict[str, list[str]], results: dict[str, dict[str, dict
             row["n_seeds"] = len(setup(r).get("seeds") or [0])
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: the indices of the cross-scene table (reduced resolution: fidelity; HQNR: the full-resolution view)
+CROSS_INDICES = ("q2n", "ergas", "sam", "hqnr")
+
+
+def trained_on(methods: list[str], results: dict[str, dict[str, Any]]) -> str | None:
+    """The dataset the networks of a test-only dataset were trained on (``setup.trained_on`` of its network
+    runs, when that is another dataset); None for a dataset that scores its own networks."""
+    here = {setup(results[m]).get("dataset") for m in methods}
+    src = {setup(results[m]).get("trained_on") for m in methods if setup(results[m]).get("kind") == "network"}
+    src -= {None} | here
+    return sorted(src)[0] if src else None
+
+
+def _ranks(methods: list[str], results: dict[str, dict[str, Any]], key: str) -> dict[str, int]:
+    up = HIGHER_IS_BETTER[key]
+    vals = {m: stat(results[m], key)[0] for m in methods}
+    ranked = sorted((m for m in methods if vals[m] is not None and math.isfinite(vals[m])),
+                    key=lambda m: (-vals[m] if up else vals[m], methods.index(m)))
+    return {m: i + 1 for i, m in enumerate(ranked)}
+
+
+def cross_scene_section(dataset: str, source: str, methods: list[str], results: dict[str, dict[str, Any]],
+                        source_results: dict[str, dict[str, Any]]) -> list[str]:
+    """In-scene against cross-scene: every method evaluated on both ``source`` (where the networks were trained
+    and tested on held-out tiles of the same scenes) and ``dataset`` (scenes no network saw), side by side.
+
+    Per index of :data:`CROSS_INDICES`: the mean on each and the change (cross - in), and the rank of the
+    method among those shown on Q2n in each, so a method that only does well on the scene it was trained on
+    stands out. Means over different tiles: no paired test is possible between the two columns.
+    """
+    both = [m for m in methods if m in source_results]
+    if not both:
+        return []
+    head = ["method"]
+    for k in CROSS_INDICES:
+        lab = f"{LABELS[k]} {arrow(HIGHER_IS_BETTER[k])}"
+        head += [f"{lab} in-scene", f"{lab} cross-scene", "Δ"]
+    head += ["Q2n rank in → cross"]
+    r_in, r_x = _ranks(both, source_results, "q2n"), _ranks(both, results, "q2n")
+    out = [f"### Cross-scene: trained on {source}, tested on {dataset}", "",
+           f"The networks were trained on `{source}` and never saw the scenes of `{dataset}`; the classical methods "
+           f"need no training. In-scene: the held-out test tiles of `{source}`; cross-scene: every test tile of "
+           f"`{dataset}` (means over other tiles, so no paired test between the two). A network that loses ranks "
+           "here has learnt its training scene more than the sensor.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in both:
+        row = [md(m)]
+        for k in CROSS_INDICES:
+            a, b = stat(source_results[m], k)[0], stat(results[m], k)[0]
+            row += [_plain(a, k), _plain(b, k), _delta(b, a, k)]
+        row.append(f"{r_in.get(m, 'n/a')} → {r_x.get(m, 'n/a')}")
+        out.append("| " + " | ".join(row) + " |")
+    return [*out, ""]
