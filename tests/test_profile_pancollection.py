@@ -73,7 +73,7 @@ def test_profile_validates_and_states_the_paper_recipe():
     assert (p.evaluate.border_cut, p.evaluate.block) == (21, 32)
     assert (p.prior.latent_dim, p.prior.width) == (256, 64)  # DiffIR's latent at D = 64
     # the header states the GPU time as an estimate and says how it was made
-    header = text.split("\nseed:")[0]
+    header = text.split("\ndevice:")[0]
     assert "ESTIMATE" in header and "bench/gpu_estimate.py" in header and "A100" in header
     assert "bnnpan run --params profiles/pancollection/params.yaml" in header
     # the DAG: an import, a prior and ten trainings per dataset, 5 classical + 10 networks evaluated on each
@@ -98,7 +98,7 @@ def test_readme_documents_the_profile_and_the_estimate_its_header_states():
         import gpu_estimate
     finally:
         sys.path.remove(str(REPO / "bench"))
-    header = PROFILE.read_text().split("\nseed:")[0]
+    header = PROFILE.read_text().split("\ndevice:")[0]
     central = next(s for s in gpu_estimate.SCENARIOS if s.name == "central")
     for text in (header, readme):
         assert f"{central.flops / 1e12:.0f} TFLOP/s" in text and f"{central.bandwidth / 1e9:.0f} GB/s" in text

