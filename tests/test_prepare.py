@@ -245,3 +245,20 @@ def test_geometry_errors_name_the_params_key():
     assert "datasets.landsat8.patch=63" in str(e.value) and "ratio 2" in str(e.value) and "l8" in str(e.value)
     with pytest.raises(SceneError, match=r"datasets\.landsat8\.min_test_tile=64"):
         plan_regions(60, 60, "all", DatasetConfig(scenes=["x"]), 2, "tiny", key="datasets.landsat8")
+
+
+def test_code_version_names_the_prepare_code_not_the_commit():
+    """Prepared files carry the digest of the code that writes them, not the git commit: a commit that leaves
+    that code alone must leave the files byte-identical (else every profile run re-prepares and retrains)."""
+    import subprocess
+
+    from bnnpan.data.prepare import code_version
+    from bnnpan.pipeline.stages import IMPORT_CODE, PREPARE_CODE
+
+    v = code_version()
+    assert v == code_version(PREPARE_CODE) == code_version(list(reversed(PREPARE_CODE)))  # order-free
+    assert v.startswith("bnnpan ") and "prepare code" in v
+    assert code_version(IMPORT_CODE) != v and code_version(PREPARE_CODE[:-1]) != v
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert not head or head not in v

@@ -48,9 +48,9 @@ from __future__ import annotations
 
 import array
 import contextlib
+import hashlib
 import json
-import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,14 +397,23 @@ def check_test_tiles(rr: int, fr: int, params: Params, what: str) -> None:
                          f"{block} x {block} blocks (evaluate.block)")
 
 
-def code_version() -> str:
-    """Package version plus the git commit when run from a checkout (provenance only)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = "unknown"
-    return f"bnnpan {bnnpan.__version__} ({sha})"
+def code_version(files: Sequence[str] | None = None) -> str:
+    """The package version and a digest of the code that writes prepared data (provenance), e.g.
+    ``bnnpan 0.1.0 (prepare code 3f2a9c1e04b7)``.
+
+    The digest is the sha256 of the stage's code files (``files``, default the ``prepare`` stage's deps,
+    :data:`bnnpan.pipeline.stages.PREPARE_CODE`), not the git commit: a commit that does not touch that code
+    leaves the prepared files byte-identical, so re-running ``prepare`` (a profile run, ``dvc repro``) does not
+    look like new data to DVC, Snakemake or the training digests, and nothing retrains for nothing.
+    """
+    from bnnpan.pipeline.stages import PREPARE_CODE
+
+    root = Path(bnnpan.__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted(files if files is not None else PREPARE_CODE):
+        path = root / f
+        h.update(f.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"(missing)") + b"\0")
+    return f"bnnpan {bnnpan.__version__} (prepare code {h.hexdigest()[:12]})"
 
 
 def prepare_dataset(params: Params, dataset: str, out_dir: str | Path | None = None,
