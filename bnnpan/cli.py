@@ -418,10 +418,52 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
         raise typer.Exit(rc)
 
 
+def profile_limits(profile: str | Path) -> dict[str, int]:
+    """The resource limits (``resources: [train=1, ...]``) of a Snakemake profile's ``config.yaml``.
+
+    ``bnnpan run --params <file>`` runs without Snakemake but honours the same limits, so a profile's
+    trainings share the cores as ``make run``'s do.
+    """
+    import yaml
+
+    cfg = Path(profile) / "config.yaml"
+    if not cfg.is_file():
+        raise ConfigError(f"{cfg}: no such Snakemake profile config")
+    entries = (yaml.safe_load(cfg.read_text()) or {}).get("resources") or []
+    if isinstance(entries, dict):
+        entries = [f"{k}={v}" for k, v in entries.items()]
+    limits = {}
+    for e in entries:
+        name, _, value = str(e).partition("=")
+        if not value.strip().isdigit():
+            raise ConfigError(f"{cfg}: resources entry {e!r} is not name=<integer>")
+        limits[name.strip()] = int(value)
+    return limits
+
+
+def _run_profile(stages: list[Any], params: Path, profile: str, cores: int, env: dict[str, str]) -> None:
+    """A params file other than params.yaml: its stages here, ``cores`` at a time (bnnpan.pipeline.local)."""
+    from bnnpan.pipeline.local import StageFailed, run_stages
+
+    rel = params.resolve()
+    try:
+        rel = rel.relative_to(Path.cwd().resolve())
+    except ValueError:
+        rel = Path(rel.name)
+    log_dir = Path("logs") / rel.with_suffix("")
+    console.print(f"{len(stages)} stages of {params}, {cores} at a time; logs in {log_dir}/")
+    try:
+        run_stages(stages, lambda s: [*s.cmd, "--params", str(params)], cores=cores, limits=profile_limits(profile),
+                   env=env, log_dir=log_dir, echo=lambda m: console.print(m, highlight=False))
+    except StageFailed as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(e.returncode) from None
+
+
 @app.command()
 @_errors
 def run(
-    cores: int = typer.Option(2, help="parallel jobs for Snakemake"),
+    cores: int = typer.Option(2, help="parallel jobs (Snakemake's, or of a profile's stages)"),
     params: Path = ParamsOpt,
     profile: str = typer.Option("profiles/default", help="Snakemake profile directory"),
     commit: bool = typer.Option(True, help="`dvc commit` the outputs afterwards so `dvc repro` is a no-op"),
@@ -429,7 +471,8 @@ def run(
     """Run the whole DAG with Snakemake under one MLflow parent run, then record it in DVC.
 
     Snakemake and DVC always use params.yaml (the DAG's one definition); with another
-    --params file the stages run in order directly, without Snakemake or DVC.
+    --params file the stages run directly, without Snakemake or DVC: up to --cores at once, in
+    dependency order, within the resource limits of --profile (logs in logs/<params path>/).
     """
     from bnnpan import tracking
     from bnnpan.atomic import KEEP_ENV
@@ -450,8 +493,7 @@ def run(
             # Outside Snakemake: an output identical to the existing one is left untouched (bnnpan.atomic),
             # so a profile that shares stages with params.yaml does not make the default DAG look stale.
             direct = {**env, KEEP_ENV: "1"}
-            for s in stages:
-                _run([*s.cmd, "--params", str(params)], direct)
+            _run_profile(stages, params, profile, cores, direct)
         ok = True
     finally:
         tracking.end_pipeline(parent, ok)

@@ -64,6 +64,10 @@ class Stage:
     order_only: tuple[str, ...] = ()  # deps whose mtime Snakemake ignores (ancient()); DVC tracks them as usual
     param_digest: str = ""  # sha256 of the values of `params` (Snakemake's params rerun trigger)
     resources: dict[str, Any] = field(default_factory=dict)
+    # Cores the stage keeps busy: params' ``threads`` for the torch stages (None: every core, what ``threads:
+    # null`` means), 1 for the rest. Snakemake's ``threads:`` and the local executor's core budget, so
+    # ``threads: 1`` runs as many trainings at once as there are cores and ``null`` one at a time.
+    threads: int | None = 1
     desc: str = ""
 
     @property
@@ -173,6 +177,7 @@ def _build(params: Params) -> list[Stage]:
                 outs=(f"{p.models}/{ds}/{s1}.pt", f"{p.models}/{ds}/{s2}.pt"),
                 plots=(f"{p.models}/{ds}/{s1}_curve.csv", f"{p.models}/{ds}/{s2}_curve.csv"),
                 resources={"train": 1},
+                threads=params.threads,
                 desc=f"pretrain BNNPan's latent diffusion prior on {ds}, seed {seed} (E1 + oracle net, then E2 + "
                      "denoiser)",
             ))
@@ -191,6 +196,7 @@ def _build(params: Params) -> list[Stage]:
                 outs=(ckpt,),
                 plots=(f"{p.models}/{ds}/{run}_curve.csv",),
                 resources={"train": 1},
+                threads=params.threads,
                 desc=f"train {method} on {ds}, seed {seed} (the one training loop; resumes from {ckpt[:-3]}.ckpt)",
             ))
     evaluated = params.evaluated()
@@ -215,6 +221,7 @@ def _build(params: Params) -> list[Stage]:
             metrics=(f"{out}/metrics.json",),
             dirs=(f"{out}/fused",),
             uncached=(f"{out}/tiles.csv",),
+            threads=params.threads,
             desc=f"reduced/full-resolution metrics of {method} on {ds}" + (f", seed {seed}" if network else ""),
         ))
         report_deps += [f"{out}/metrics.json", f"{out}/tiles.csv", f"{out}/fused"]

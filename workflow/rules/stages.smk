@@ -37,6 +37,9 @@ def _stage_rule(stage):
             digest=stage.param_digest,
         log:
             f"logs/{stage.name}.log",
+        # the torch threads the stage uses (params' `threads`; null: every core), so Snakemake runs as many
+        # stages at once as the cores hold
+        threads: stage.threads or workflow.cores
         resources:
             **stage.resources,
         shell:
