@@ -11,9 +11,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup run run-all test test-fast lint dag bench ui clean
 
+# --no-compile: pip would byte-compile every installed module (torch alone has thousands) before the first
+# command; Python compiles the few it imports on first use instead.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	$(BIN)/python -m pip install -q --no-compile -e '.[dev]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install bnnpan with its dev tools

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bnnpan.cli import profile_limits
-from bnnpan.config import ConfigError
+from bnnpan.config import ConfigError, load_params
 from bnnpan.pipeline import Stage, build_stages
 from bnnpan.pipeline.local import StageFailed, dependencies, run_stages
 
@@ -32,11 +32,12 @@ p.write_text(json.dumps([t0, t1]))
 
 
 def stage(tmp: Path, name: str, deps: tuple[str, ...] = (), sleep: float = 0.3, fail: bool = False,
-          resources: dict | None = None, out: str | None = None, threads: int | None = 1) -> Stage:
+          resources: dict | None = None, out: str | None = None, threads: int | None = 1, priority: int = 0) -> Stage:
     out = out or f"out/{name}.json"
     cmd = (sys.executable, "-c", SCRIPT, str(tmp / out), str(sleep), "1" if fail else "0",
            *(str(tmp / d) for d in deps))
-    return Stage(name=name, cmd=cmd, deps=deps, params=(), outs=(out,), resources=resources or {}, threads=threads)
+    return Stage(name=name, cmd=cmd, deps=deps, params=(), outs=(out,), resources=resources or {}, threads=threads,
+                 priority=priority)
 
 
 def spans(tmp: Path, names) -> dict[str, tuple[float, float]]:
@@ -83,6 +84,19 @@ def test_one_core_runs_one_stage_at_a_time(tmp_path):
     stages = [stage(tmp_path, f"s{i}") for i in range(3)]
     run(tmp_path, stages, cores=1)
     assert max_overlap(spans(tmp_path, [s.name for s in stages])) == 1
+
+
+def test_the_longest_chain_starts_first(tmp_path):
+    """A ready stage of higher priority starts before earlier-listed ones, as the default DAG's prior does."""
+    short = [stage(tmp_path, f"short{i}", sleep=0.1) for i in range(2)]
+    chain = stage(tmp_path, "prior", sleep=0.1, priority=1)
+    run(tmp_path, [*short, chain], cores=1)
+    sp = spans(tmp_path, ["short0", "short1", "prior"])
+    assert sp["prior"][1] <= min(sp["short0"][0], sp["short1"][0])
+    assert sp["short0"][1] <= sp["short1"][0]  # otherwise the list's order
+    names = {s.name: s for s in build_stages(load_params(REPO / "params.yaml"))}
+    assert names["pretrain_prior_landsat8"].priority == names["train_landsat8_bnnpan"].priority == 1
+    assert names["train_landsat8_fp"].priority == names["evaluate_landsat8_exp"].priority == 0
 
 
 def test_stages_using_every_core_run_alone(tmp_path):
@@ -141,8 +155,6 @@ def test_profile_limits_are_the_snakemake_profiles(tmp_path):
 def test_every_profile_orders_trainings_after_their_data_and_the_report_last():
     """On the real stage lists of the shipped profiles: each train stage waits for its dataset's prepare
     (and BNNPan for its prior), and the report waits for every evaluate stage."""
-    from bnnpan.config import load_params
-
     for prof in sorted((REPO / "profiles").glob("*/params.yaml")):
         stages = build_stages(load_params(prof))
         deps = dependencies(stages)

@@ -7,6 +7,7 @@ machine's cores saves much of a profile's time. This module does what Snakemake'
 ``make run``, and nothing more:
 
 * a stage waits for every stage that writes one of its inputs (a path equal to, under, or above an output);
+* among the stages ready to start, the highest :attr:`Stage.priority` first, then the list's order;
 * the running stages' threads (:attr:`Stage.threads`, None: all of them) fit in ``cores``, and at most
   ``limits[r]`` of resource ``r`` is held at once (the ``resources`` of a Snakemake profile), as Snakemake
   schedules ``make run``;
@@ -100,7 +101,8 @@ def run_stages(stages: Sequence[Stage], command: Callable[[Stage], list[str]], *
     try:
         while pending or running:
             while failure is None:
-                ready = next((s for s in pending if deps[s.name] <= done and fits(s)), None)
+                ready = max((s for s in pending if deps[s.name] <= done and fits(s)), key=lambda s: s.priority,
+                            default=None)  # the first of the highest priority (max keeps the first of ties)
                 if ready is None:
                     break
                 pending.remove(ready)

@@ -40,6 +40,7 @@ def _stage_rule(stage):
         # the torch threads the stage uses (params' `threads`; null: every core), so Snakemake runs as many
         # stages at once as the cores hold
         threads: stage.threads or workflow.cores
+        priority: stage.priority
         resources:
             **stage.resources,
         shell:
