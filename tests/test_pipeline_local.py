@@ -95,8 +95,8 @@ def test_the_longest_chain_starts_first(tmp_path):
     assert sp["prior"][1] <= min(sp["short0"][0], sp["short1"][0])
     assert sp["short0"][1] <= sp["short1"][0]  # otherwise the list's order
     names = {s.name: s for s in build_stages(load_params(REPO / "params.yaml"))}
-    assert names["pretrain_prior_landsat8"].priority == names["train_landsat8_bnnpan"].priority == 1
-    assert names["train_landsat8_fp"].priority == names["evaluate_landsat8_exp"].priority == 0
+    assert names["pretrain_prior_landsat8"].priority == names["train_landsat8_bnnpan"].priority == 2
+    assert names["train_landsat8_fp"].priority == 1 and names["evaluate_landsat8_exp"].priority == 0
 
 
 def test_stages_using_every_core_run_alone(tmp_path):

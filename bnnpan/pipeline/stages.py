@@ -69,8 +69,9 @@ class Stage:
     # ``threads: 1`` runs as many trainings at once as there are cores and ``null`` one at a time.
     threads: int | None = 1
     # Among stages ready to run, higher first (Snakemake's ``priority:``, and the local executor's order). The
-    # prior and the trainings that read it form the DAG's longest chain: started first, they end beside the
-    # other trainings instead of after them.
+    # prior and the trainings that read it form the DAG's longest chain (2): started first, they end beside the
+    # other trainings instead of after them. Then the other trainings (1), so the short evaluate jobs fill the
+    # cores at the end instead of holding back a training that would end last.
     priority: int = 0
     desc: str = ""
 
@@ -182,7 +183,7 @@ def _build(params: Params) -> list[Stage]:
                 plots=(f"{p.models}/{ds}/{s1}_curve.csv", f"{p.models}/{ds}/{s2}_curve.csv"),
                 resources={"train": 1},
                 threads=params.threads,
-                priority=1,
+                priority=2,
                 desc=f"pretrain BNNPan's latent diffusion prior on {ds}, seed {seed} (E1 + oracle net, then E2 + "
                      "denoiser)",
             ))
@@ -202,7 +203,7 @@ def _build(params: Params) -> list[Stage]:
                 plots=(f"{p.models}/{ds}/{run}_curve.csv",),
                 resources={"train": 1},
                 threads=params.threads,
-                priority=1 if method in prior_methods else 0,
+                priority=2 if method in prior_methods else 1,
                 desc=f"train {method} on {ds}, seed {seed} (the one training loop; resumes from {ckpt[:-3]}.ckpt)",
             ))
     evaluated = params.evaluated()
