@@ -159,3 +159,18 @@ def test_hand_counted_toy():
     root = rep.rows.set_index("name").loc["<root>"]
     assert root["flops"] == functional and root["fp_params"] == 1
     assert rep.ops == rep.bops / 64 + rep.flops
+
+
+def test_counting_does_not_import_the_compiler():
+    """A dispatch mode's first call used to import torch._dynamo (~3 s of every network evaluate stage)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom bnnpan.eval.cost import count_cost\n"
+            "from bnnpan.models.networks import NetConfig, build_network\n"
+            "net = build_network('bbcu', NetConfig(in_channels=3, width=8, depth=2, ratio=2, extra={}))\n"
+            "rep = count_cost(net, 3, 64, 64)\n"
+            "assert 'torch._dynamo' not in sys.modules, 'compiler imported'\n"
+            "assert rep.bops > 0 and rep.flops > 0\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -117,6 +117,7 @@ def ci_params(profile: dict, train_mat: Path) -> dict:
     (Python + torch + MLflow's SQLite store)."""
     p = copy.deepcopy(profile)
     p["device"] = "cpu"
+    p["threads"] = 1  # each stage holds one core, so `bnnpan run --params` runs two at once on 2 cores
     p["datasets"] = {"wv3": {**p["datasets"]["wv3"], "train": str(train_mat)}}
     assert set(CI_NETWORKS) <= set(p["train"]["methods"]) and set(CI_CLASSICAL) <= set(p["evaluate"]["methods"])
     p["train"]["methods"] = {m: v for m, v in p["train"]["methods"].items() if m in CI_NETWORKS}
@@ -140,8 +141,8 @@ def test_profile_runs_end_to_end_on_cpu(tmp_path, shared_data):
     # the stage commands (`bnnpan ...` console scripts) import the copy under test, whatever is installed
     # (PYTHONPATH comes before site-packages, where an editable install may point at another checkout)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    # tiny convolutions: one torch thread per stage is as fast and far less hurt by a busy machine (conftest)
-    env.update(BNNPAN_THREADS="1", OMP_NUM_THREADS="1")
+    # tiny convolutions: one thread per stage is as fast and far less hurt by a busy machine (conftest)
+    env.update(OMP_NUM_THREADS="1")
     as_script = f"import sys; sys.path[0] = {str(Path(sys.executable).parent)!r}; import bnnpan; print(bnnpan.__file__)"
     assert _sh([sys.executable, "-c", as_script], tmp_path, env).strip() == str(root / "bnnpan" / "__init__.py")
 
@@ -161,6 +162,11 @@ def test_profile_runs_end_to_end_on_cpu(tmp_path, shared_data):
     out = _sh([sys.executable, "-m", "bnnpan.cli", "run", "--params", str(tmp_path / "pancollection_ci.yaml")],
               root, env)
     assert "pipeline finished" in out
+    running = most = 0  # the stages ran side by side (threads: 1 on 2 cores), not one after the other
+    for line in out.splitlines():
+        running += line.startswith("start ") - line.startswith("done ")
+        most = max(most, running)
+    assert most == 2, out
 
     p = load_params(tmp_path / "pancollection_ci.yaml")
     methods = list(params["train"]["methods"])

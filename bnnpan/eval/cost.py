@@ -293,6 +293,23 @@ class _FunctionalCounter(TorchDispatchMode):
         return out
 
 
+def _without_dynamo_import(mode: type[TorchDispatchMode]) -> None:
+    """Let ``mode``'s ``__torch_dispatch__`` run without importing ``torch._dynamo``.
+
+    torch wraps every dispatch mode's ``__torch_dispatch__`` so that ``torch.compile`` does not trace it; the
+    wrapper imports ``torch._dynamo`` (sympy and the compiler: ~3 s, more than the whole count) on its first
+    call, to build a "disabled" copy of the function, and caches that copy on the function. Nothing here is
+    compiled, so the function itself serves as its own disabled copy. If torch changes the mechanism the
+    attributes are absent and torch simply imports as before.
+    """
+    wrapped = getattr(mode.__dict__.get("__torch_dispatch__"), "__wrapped__", None)
+    if wrapped is not None and getattr(wrapped, "__dynamo_disable", None) is None:
+        setattr(wrapped, "__dynamo_disable", wrapped)
+
+
+_without_dynamo_import(_FunctionalCounter)
+
+
 def count_cost(model: nn.Module, in_channels: int, height: int, width: int, device: str | torch.device = "cpu",
                ) -> CostReport:
     """Count params, BOPs and FLOPs of ``model`` for one (1, C, H, W) input, per layer (see the module docstring).
