@@ -77,17 +77,28 @@ def _main() -> None:
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (validated; unknown keys are errors)")
 
 
+#: (module, class) of the package's input errors besides ConfigError. Looked up only in modules already imported:
+#: an error of a module the command never loaded cannot have been raised, and importing them all up front would
+#: load torch, h5py and rasterio into every command (~3 s for `report` or `fetch`, which need none of them).
+_INPUT_ERRORS = (("bnnpan.data.hdf5io", "HDF5Error"), ("bnnpan.data.scene", "SceneError"),
+                 ("bnnpan.train.loop", "CheckpointError"))
+
+
+def _input_error_types() -> tuple[type[BaseException], ...]:
+    loaded = (getattr(sys.modules[m], name) for m, name in _INPUT_ERRORS if m in sys.modules)
+    return (ConfigError, *loaded)
+
+
 def _errors(fn: F) -> F:
     """Turn the package's input errors into one red line and exit status 2."""
-    from bnnpan.data.hdf5io import HDF5Error
-    from bnnpan.data.scene import SceneError
-    from bnnpan.train.loop import CheckpointError
 
     @wraps(fn)
     def wrapper(*a: Any, **kw: Any) -> Any:
         try:
             return fn(*a, **kw)
-        except (ConfigError, SceneError, HDF5Error, CheckpointError) as e:
+        except Exception as e:
+            if not isinstance(e, _input_error_types()):
+                raise
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 

@@ -68,3 +68,25 @@ def one_thread():
         os.environ.pop(THREADS_ENV, None)
     else:
         os.environ[THREADS_ENV] = env
+
+
+#: The longest test files, started first. Under ``pytest -n 2 --dist loadfile`` (``make test``) a file runs on one
+#: worker, and files are handed out in collection order: the end-to-end DAG (~5 min, its stages two at a time) must
+#: not be the last file a worker picks up, or the other worker idles while it finishes.
+LONGEST_FIRST = ("test_integration.py", "test_profile_pancollection.py", "test_train_loop.py", "test_tracking.py",
+                 "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise unchanged
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch gets its share of the cores: with the default (every core per
+    worker) two workers run 2 x 2 intra-op threads on 2 cores, and oversubscribed OpenMP threads spin-wait."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))

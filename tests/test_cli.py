@@ -186,3 +186,19 @@ def test_seeds_train_and_evaluate_one_run_each(tmp_path, prepared_landsat):
     r = cli("evaluate", "--seed", "5")
     assert r.returncode != 0 and "seed(s) [5] are not in train.seeds [0, 1]" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_commands_load_only_what_they_use():
+    """Every DAG stage is a new `bnnpan` process: importing the CLI must not load torch (~3 s; `fetch`, `prepare`,
+    `report` and the classical `evaluate` jobs need none of it), nor the metrics scipy.signal (~2 s). Their input
+    errors still give one line: ``test_unknown_scene_and_missing_raw_data`` gets a SceneError, whose module the CLI
+    loads lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bnnpan.cli, bnnpan.data.wald, bnnpan.eval.metrics_fr; "
+            "print(sorted(m for m in ('torch', 'scipy.signal', 'mlflow') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
