@@ -31,9 +31,11 @@ run-all: run  ## also the ablations, 3 seeds, the cross-scene test and WorldView
 	bnnpan run --params profiles/worldview2/params.yaml
 
 # Two pytest workers, one file each at a time (--dist loadfile: a file's module fixtures are built once). Much of
-# the suite waits on subprocesses and I/O, so one worker leaves a core idle about half the time.
+# the suite waits on subprocesses and I/O, so one worker leaves a core idle about half the time. Files are handed
+# out in collection order, longest first (tests/conftest.py); xdist's default reorders them by test count, which
+# left the end-to-end DAG (4 tests, ~6 min) to the end.
 test: setup  ## the test suite (what CI runs): unit + integration tests, real data
-	$(BIN)/python -m pytest -n $(CORES) --dist loadfile
+	$(BIN)/python -m pytest -n $(CORES) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup  ## unit tests only
 	$(BIN)/python -m pytest -m "not integration"
