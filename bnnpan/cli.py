@@ -356,6 +356,48 @@ def report(params: Path = ParamsOpt, no_track: bool = typer.Option(False, "--no-
                 tracking.log_artifact(v, artifact_path="report")
 
 
+@app.command()
+@_errors
+def export(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="the dataset the network was trained on"),
+    method: str = typer.Option(..., "--method", "-m", help="a trained method (train.methods)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the file to write (e.g. bbcu.safetensors)"),
+    params: Path = ParamsOpt,
+    seed: int = typer.Option(None, "--seed", "-s", help="training seed (default: the first of train.seeds)"),
+    no_register: bool = typer.Option(False, "--no-register", help="do not log it to MLflow nor register it"),
+) -> None:
+    """Export a trained network as one packed 1-bit safetensors file and register it in MLflow.
+
+    The file (sign bits 8 per byte, FP32 rest, no pickle) describes itself: method, network, sensor, bands, ratio,
+    DN scale, training data sha256, code version and test metrics, with a sha256 over all of it
+    (bnnpan.deploy.export.load_exported reads it back; the format is documented in bnnpan/deploy/export.py).
+
+    It becomes a new version of the registered model bnnpan-<dataset>-<method> (browse: `bnnpan ui`).
+    """
+    from bnnpan.deploy.export import ExportError, PackedFileError, export_method
+
+    p = load_params(params)
+    try:
+        r = export_method(p, dataset, method, out, seed=seed, register_model=not no_register)
+    except (ExportError, PackedFileError) as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    meta = r["meta"]
+    n_bin = len(meta["binary"])
+    check = ("not checked (no test file)" if r["max_abs_diff"] is None
+             else f"max |exported - checkpoint| {r['max_abs_diff']:.2g} of the scale on {r['checked_on']}")
+    console.print(f"wrote {r['path']}: {meta['method']} ({n_bin} binary layers), {r['bytes']} bytes, "
+                  f"sha256 {r['sha256']}; {check}", highlight=False, soft_wrap=True)
+    console.print(f"  {meta['sensor']} bands {meta['bands']} ratio {meta['ratio']} scale {meta['scale']:g}; "
+                  f"trained on {dataset} (train.h5 sha256 {meta['training_data']['sha256'][:12]}..., "
+                  f"{'verified' if meta['training_data']['verified'] else 'UNVERIFIED'})", highlight=False,
+                  soft_wrap=True)
+    if r["registry"]:
+        reg = r["registry"]
+        console.print(f"  registered {reg['name']} version {reg['version']} (LoggedModel {reg['model_id']}, run "
+                      f"{reg['run_id']})", highlight=False, soft_wrap=True)
+
+
 def _check_dag_fresh(p: Any, params: Path) -> list[Any]:
     """The stage list; for params.yaml (the file DVC and Snakemake read) dvc.yaml must match it."""
     from bnnpan.pipeline import build_stages, render_dvc_yaml

@@ -20,6 +20,12 @@ each binary conv's ``weight`` becomes ``sign`` (so ``sign(W)`` is unchanged) and
 layer would otherwise recompute from ``W``, e.g. mean|W| or IR-Net's standardisation, no longer exists). The scale
 lives in a non-persistent buffer ``packed_scale`` (it follows ``.to(device)``; the state-dict keys are unchanged).
 The loaded model is for inference: its ``binary_weight()`` has no gradient path to a latent weight.
+
+Two file formats share the packing code here: :func:`pack_model` turns a model into a :class:`PackedModel` (per
+layer: sign bits, scale, FP32 tensors) and :func:`unpack_into` loads one into an identically built model. This
+module's ``torch.save`` format concatenates the pieces (above; its size is the ``network_cost.file`` figure of
+every network's metrics.json, :func:`bnnpan.eval.evaluate.network_cost`, so its bytes must not change);
+:mod:`bnnpan.deploy.export` stores them one tensor each in a self-describing safetensors file.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import hashlib
 import math
 import os
 import types
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,51 +81,85 @@ def _unpack_bits(bits: Tensor, numel: int, shape: list[int]) -> Tensor:
     return torch.from_numpy(flat).reshape(shape)
 
 
-def pack_state(model: nn.Module) -> dict[str, Any]:
-    """The packed payload of ``model`` (see the module docstring); :func:`export_packed` saves it."""
+@dataclass
+class PackedLayer:
+    """One binary conv, packed: the sign bits of its weight and its per-output-channel scale."""
+
+    name: str  #: module name (its weight is the state-dict entry ``<name>.weight``)
+    shape: list[int]  #: the weight's shape
+    bits: Tensor  #: uint8, ``np.packbits(sign > 0)`` of the flattened weight (see the module docstring)
+    scale: Tensor | None  #: float32 (the layer's shape for it), or None for a plain ``sign(W)`` layer
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class PackedModel:
+    """A whole model packed: its binary convs (module order) and the rest of its state dict."""
+
+    binary: list[PackedLayer] = field(default_factory=list)
+    fp: dict[str, Tensor] = field(default_factory=dict)  #: every other floating tensor, as float32, state-dict order
+    other: dict[str, Tensor] = field(default_factory=dict)  #: non-floating buffers as they are (state-dict order)
+
+
+def pack_model(model: nn.Module) -> PackedModel:
+    """``model`` packed (on the CPU, copies): sign bits 8 per byte + FP32 scales for the binary convs, FP32 rest."""
     binaries = _binary_modules(model)
     skip = {_weight_key(n) for n in binaries}
-    bits_parts: list[Tensor] = []
-    scale_parts: list[Tensor] = []
-    binary_index: list[dict[str, Any]] = []
-    byte_off = scale_off = 0
+    out = PackedModel()
     with torch.no_grad():
         for name, mod in binaries.items():
             sign, scale = mod.weight_sign_and_scale()
             if tuple(sign.shape) != tuple(mod.weight.shape):
                 raise ValueError(f"{name}: sign shape {tuple(sign.shape)} != weight shape {tuple(mod.weight.shape)}")
-            packed = _pack_bits(sign)
-            entry: dict[str, Any] = {"name": name, "shape": list(sign.shape), "numel": sign.numel(),
-                                     "byte_offset": byte_off, "nbytes": packed.numel(),
-                                     "scale_offset": None, "scale_shape": None}
-            bits_parts.append(packed)
-            byte_off += packed.numel()
-            if scale is not None:
-                s = scale.detach().to("cpu", torch.float32).reshape(-1)
-                entry.update(scale_offset=scale_off, scale_shape=list(scale.shape))
-                scale_parts.append(s)
-                scale_off += s.numel()
-            binary_index.append(entry)
-
-        fp_parts: list[Tensor] = []
-        fp_index: list[dict[str, Any]] = []
-        other: dict[str, Tensor] = {}
-        off = 0
+            out.binary.append(PackedLayer(
+                name=name, shape=list(sign.shape), bits=_pack_bits(sign),
+                scale=None if scale is None else scale.detach().to("cpu", torch.float32).clone()))
         for key, t in model.state_dict().items():
             if key in skip:
                 continue
             if t.is_floating_point():
-                flat = t.detach().to("cpu", torch.float32).reshape(-1)
-                fp_index.append({"key": key, "shape": list(t.shape), "offset": off})
-                fp_parts.append(flat)
-                off += flat.numel()
+                out.fp[key] = t.detach().to("cpu", torch.float32).clone()
             else:
-                other[key] = t.detach().cpu().clone()
+                out.other[key] = t.detach().cpu().clone()
+    return out
+
+
+def pack_state(model: nn.Module) -> dict[str, Any]:
+    """The packed payload of ``model`` (see the module docstring); :func:`export_packed` saves it."""
+    packed = pack_model(model)
+    bits_parts: list[Tensor] = []
+    scale_parts: list[Tensor] = []
+    binary_index: list[dict[str, Any]] = []
+    byte_off = scale_off = 0
+    for layer in packed.binary:
+        entry: dict[str, Any] = {"name": layer.name, "shape": list(layer.shape), "numel": layer.numel,
+                                 "byte_offset": byte_off, "nbytes": layer.bits.numel(),
+                                 "scale_offset": None, "scale_shape": None}
+        bits_parts.append(layer.bits)
+        byte_off += layer.bits.numel()
+        if layer.scale is not None:
+            s = layer.scale.reshape(-1)
+            entry.update(scale_offset=scale_off, scale_shape=list(layer.scale.shape))
+            scale_parts.append(s)
+            scale_off += s.numel()
+        binary_index.append(entry)
+
+    fp_parts: list[Tensor] = []
+    fp_index: list[dict[str, Any]] = []
+    off = 0
+    for key, t in packed.fp.items():
+        flat = t.reshape(-1)
+        fp_index.append({"key": key, "shape": list(t.shape), "offset": off})
+        fp_parts.append(flat)
+        off += flat.numel()
 
     bits = torch.cat(bits_parts) if bits_parts else torch.zeros(0, dtype=torch.uint8)
     scales = torch.cat(scale_parts) if scale_parts else torch.zeros(0, dtype=torch.float32)
     fp = torch.cat(fp_parts) if fp_parts else torch.zeros(0, dtype=torch.float32)
-    return {"format": FORMAT, "version": VERSION, "bits": bits, "scales": scales, "fp": fp, "other": other,
+    return {"format": FORMAT, "version": VERSION, "bits": bits, "scales": scales, "fp": fp, "other": packed.other,
             "binary": binary_index, "fp_index": fp_index, "sha256": _digest(bits, scales, fp),
             "torch_version": str(torch.__version__)}
 
@@ -161,43 +202,30 @@ def _packed_sign_and_scale(self: nn.Module) -> tuple[Tensor, Tensor | None]:
     return self.weight, self.packed_scale
 
 
-def load_packed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a packed file into an identically built ``model`` (in place; also returned), ready for inference."""
-    path = Path(path)
-    obj = _read_packed(path)
+def unpack_into(model: nn.Module, packed: PackedModel, where: str | os.PathLike) -> nn.Module:
+    """Load ``packed`` into an identically built ``model`` (in place; also returned), ready for inference.
+
+    ``where`` (the file) starts every error message. Each binary conv's weight becomes its sign and its
+    ``binary_weight()`` / ``weight_sign_and_scale()`` return the stored scale times it (module docstring).
+    """
     binaries = _binary_modules(model)
-    names = [e["name"] for e in obj["binary"]]
+    names = [layer.name for layer in packed.binary]
     if names != list(binaries):
-        raise PackedFileError(f"{path}: binary layers {names} do not match the model's {list(binaries)}")
+        raise PackedFileError(f"{where}: binary layers {names} do not match the model's {list(binaries)}")
     state: dict[str, Tensor] = {}
     scales: dict[str, Tensor | None] = {}
-    bits, fp, sc = obj["bits"], obj["fp"], obj["scales"]
-    try:
-        for e in obj["binary"]:
-            numel, nbytes = int(e["numel"]), int(e["nbytes"])
-            if nbytes != math.ceil(numel / 8) or e["byte_offset"] + nbytes > bits.numel():
-                raise PackedFileError(f"{path}: bit field of {e['name']!r} is out of range")
-            chunk = bits[e["byte_offset"]:e["byte_offset"] + nbytes]
-            state[_weight_key(e["name"])] = _unpack_bits(chunk, numel, e["shape"])
-            if e["scale_shape"] is None:
-                scales[e["name"]] = None
-            else:
-                n = math.prod(e["scale_shape"])
-                if e["scale_offset"] + n > sc.numel():
-                    raise PackedFileError(f"{path}: scale of {e['name']!r} is out of range")
-                scales[e["name"]] = sc[e["scale_offset"]:e["scale_offset"] + n].reshape(e["scale_shape"]).clone()
-        for e in obj["fp_index"]:
-            n = math.prod(e["shape"])
-            if e["offset"] + n > fp.numel():
-                raise PackedFileError(f"{path}: tensor {e['key']!r} is out of range")
-            state[e["key"]] = fp[e["offset"]:e["offset"] + n].reshape(e["shape"])
-    except (KeyError, TypeError) as e:
-        raise PackedFileError(f"{path}: malformed index ({type(e).__name__}: {e})") from e
-    state.update(obj["other"])
+    for layer in packed.binary:
+        if layer.bits.dtype != torch.uint8 or layer.bits.dim() != 1 or layer.bits.numel() != math.ceil(
+                layer.numel / 8):
+            raise PackedFileError(f"{where}: bit field of {layer.name!r} is out of range")
+        state[_weight_key(layer.name)] = _unpack_bits(layer.bits, layer.numel, layer.shape)
+        scales[layer.name] = None if layer.scale is None else layer.scale.clone()
+    state.update(packed.fp)
+    state.update(packed.other)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise PackedFileError(f"{path} does not match the model: {e}") from e
+    except RuntimeError as e:  # torch's text spans several lines; one line names the file
+        raise PackedFileError(f"{where} does not match the model: {' '.join(str(e).split())}") from e
     for name, mod in binaries.items():
         scale = scales[name]
         if scale is not None:
@@ -209,6 +237,35 @@ def load_packed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         mod.binary_weight = types.MethodType(_packed_binary_weight, mod)
         mod.weight_sign_and_scale = types.MethodType(_packed_sign_and_scale, mod)
     return model
+
+
+def load_packed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a packed file into an identically built ``model`` (in place; also returned), ready for inference."""
+    path = Path(path)
+    obj = _read_packed(path)
+    bits, fp, sc = obj["bits"], obj["fp"], obj["scales"]
+    packed = PackedModel(other=dict(obj["other"]))
+    try:
+        for e in obj["binary"]:
+            numel, nbytes = int(e["numel"]), int(e["nbytes"])
+            if nbytes != math.ceil(numel / 8) or e["byte_offset"] + nbytes > bits.numel():
+                raise PackedFileError(f"{path}: bit field of {e['name']!r} is out of range")
+            scale = None
+            if e["scale_shape"] is not None:
+                n = math.prod(e["scale_shape"])
+                if e["scale_offset"] + n > sc.numel():
+                    raise PackedFileError(f"{path}: scale of {e['name']!r} is out of range")
+                scale = sc[e["scale_offset"]:e["scale_offset"] + n].reshape(e["scale_shape"])
+            packed.binary.append(PackedLayer(name=e["name"], shape=list(e["shape"]),
+                                             bits=bits[e["byte_offset"]:e["byte_offset"] + nbytes], scale=scale))
+        for e in obj["fp_index"]:
+            n = math.prod(e["shape"])
+            if e["offset"] + n > fp.numel():
+                raise PackedFileError(f"{path}: tensor {e['key']!r} is out of range")
+            packed.fp[e["key"]] = fp[e["offset"]:e["offset"] + n].reshape(e["shape"])
+    except (KeyError, TypeError) as e:
+        raise PackedFileError(f"{path}: malformed index ({type(e).__name__}: {e})") from e
+    return unpack_into(model, packed, path)
 
 
 def packed_size_report(model: nn.Module, tmpdir: str | os.PathLike) -> dict[str, Any]:
