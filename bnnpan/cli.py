@@ -398,6 +398,68 @@ def export(
                       f"{reg['run_id']})", highlight=False, soft_wrap=True)
 
 
+def _window(text: str | None) -> tuple[int, int, int, int] | None:
+    if not text:
+        return None
+    try:
+        r, c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--window {text!r}: expected ROW,COL,HEIGHT,WIDTH (MS pixels, integers)") from None
+    return r, c, h, w
+
+
+@app.command()
+@_errors
+def fuse(
+    out: Path = typer.Option(..., "--out", "-o", help="output Cloud-Optimized GeoTIFF (written atomically)"),
+    scene: str = typer.Option(None, "--scene", "-s", help="scene from params (fetched into paths.raw if needed)"),
+    pan: Path = typer.Option(None, "--pan", help="PAN GeoTIFF not in params (with --ms and --sensor)"),
+    ms: Path = typer.Option(None, "--ms", help="MS GeoTIFF not in params"),
+    sensor: str = typer.Option(None, "--sensor", help="sensor of --pan/--ms (e.g. worldview2, landsat8)"),
+    bands: str = typer.Option(None, "--bands", help="MS band names of --ms in file order, comma-separated "
+                              "(default: all the sensor's)"),
+    ms_upsampled: str = typer.Option("1", "--ms-upsampled", help="--ms stored nearest-upsampled by k (or auto)"),
+    nodata: float = typer.Option(0.0, "--nodata", help="nodata DN of --pan/--ms"),
+    method: str = typer.Option(None, "--method", "-m", help="a registered method (exp, mtf_glp_hpm, ...) or a "
+                               "network of train.methods"),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="the dataset the network was trained on"),
+    seed: int = typer.Option(0, "--seed", help="training seed of the network (models/<dataset>/<m>_seed<s>.pt)"),
+    model: Path = typer.Option(None, "--model", help="a network checkpoint file instead of models/<dataset>/"),
+    tile: int = typer.Option(1024, "--tile", help="tile side in PAN pixels (memory grows with it, not the scene)"),
+    window: str = typer.Option(None, "--window", help="ROW,COL,HEIGHT,WIDTH on the MS grid: fuse that part "
+                               "of the scene, as if it were the whole scene"),
+    dtype: str = typer.Option("source", "--dtype", help="source (the MS file's dtype, rounded), float32 or float64"),
+    device: str = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: params' device)"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Fuse a whole scene with any method and write a Cloud-Optimized GeoTIFF on the PAN grid.
+
+    The inputs are made as prepare makes its full-resolution test tiles; the scene is fused tile by tile with
+    halos (whole-image statistics in streaming passes), so memory does not grow with the scene and the result
+    equals one pass. Values are clipped to [0, scale]; nodata pixels stay nodata. See bnnpan/deploy/fuse.py.
+    """
+    from bnnpan.deploy.fuse import FuseError, run_fuse
+    from bnnpan.environment import apply_threads
+
+    if dtype not in ("source", "float32", "float64"):
+        raise ConfigError(f"--dtype {dtype!r}: use source, float32 or float64")
+    p = load_params(params) if params.is_file() or params != Path("params.yaml") else None
+    apply_threads(p.threads if p is not None else None)  # no params: $BNNPAN_THREADS, else every CPU
+    label = scene or (pan.name if pan else "?")
+    try:
+        result = _with_progress("fuse", label, lambda cb: run_fuse(
+            p, out=out, scene=scene, pan=pan, ms=ms, sensor=sensor,
+            bands=[b.strip() for b in bands.split(",")] if bands else None, ms_upsampled=ms_upsampled,
+            nodata=nodata, method=method, dataset=dataset, seed=seed, model=model, window=_window(window),
+            tile=tile, dtype=dtype, device=device, progress=cb))
+    except FuseError as e:
+        raise ConfigError(str(e)) from None
+    c, h, w = result["shape"]
+    console.print(f"  {result['out']}: {result['method']} ({result['kind']}), {c} x {h} x {w} {result['dtype']}, "
+                  f"{result['tiles']} tile(s) of {result['tile']} + halo {result['halo_pan_px']} PAN px, "
+                  f"{result['passes']} statistics pass(es), {result['seconds']:.1f} s", highlight=False)
+
+
 def _check_dag_fresh(p: Any, params: Path) -> list[Any]:
     """The stage list; for params.yaml (the file DVC and Snakemake read) dvc.yaml must match it."""
     from bnnpan.pipeline import build_stages, render_dvc_yaml
