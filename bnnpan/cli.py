@@ -81,7 +81,7 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params fil
 #: an error of a module the command never loaded cannot have been raised, and importing them all up front would
 #: load torch, h5py and rasterio into every command (~3 s for `report` or `fetch`, which need none of them).
 _INPUT_ERRORS = (("bnnpan.data.hdf5io", "HDF5Error"), ("bnnpan.data.scene", "SceneError"),
-                 ("bnnpan.train.loop", "CheckpointError"))
+                 ("bnnpan.train.loop", "CheckpointError"), ("bnnpan.models.packing", "PackedFileError"))
 
 
 def _input_error_types() -> tuple[type[BaseException], ...]:
@@ -341,9 +341,11 @@ def report(params: Path = ParamsOpt, no_track: bool = typer.Option(False, "--no-
 
     p = load_params(params)
     try:
+        deploy = [(p.deploy_name(d), d.method, Path(p.paths.deploy) / f"{p.deploy_name(d)}.tif",
+                   Path(p.paths.raw) / d.scene) for d in p.deploy]
         paths = build_report(p.evaluated(), reports_dir=Path(p.paths.reports),
                              prepared_dir=Path(p.paths.prepared), tile=p.report.tile,
-                             seeds={m: list(p.train.seeds) for m in p.train.methods})
+                             seeds={m: list(p.train.seeds) for m in p.train.methods}, deploy=deploy)
     except ValueError as e:  # a missing or malformed input (named in the message)
         raise ConfigError(str(e)) from None
     for k, v in paths.items():
@@ -431,6 +433,8 @@ def fuse(
     dtype: str = typer.Option("source", "--dtype", help="source (the MS file's dtype, rounded), float32 or float64"),
     device: str = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: params' device)"),
     params: Path = ParamsOpt,
+    no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow (a --scene of params is logged "
+                                  "as the run fuse_<scene>_<method>; --pan/--ms files are not)"),
 ) -> None:
     """Fuse a whole scene with any method and write a Cloud-Optimized GeoTIFF on the PAN grid.
 
@@ -446,14 +450,31 @@ def fuse(
     p = load_params(params) if params.is_file() or params != Path("params.yaml") else None
     apply_threads(p.threads if p is not None else None)  # no params: $BNNPAN_THREADS, else every CPU
     label = scene or (pan.name if pan else "?")
-    try:
-        result = _with_progress("fuse", label, lambda cb: run_fuse(
-            p, out=out, scene=scene, pan=pan, ms=ms, sensor=sensor,
-            bands=[b.strip() for b in bands.split(",")] if bands else None, ms_upsampled=ms_upsampled,
-            nodata=nodata, method=method, dataset=dataset, seed=seed, model=model, window=_window(window),
-            tile=tile, dtype=dtype, device=device, progress=cb))
-    except FuseError as e:
-        raise ConfigError(str(e)) from None
+
+    def work() -> dict[str, Any]:
+        try:
+            return _with_progress("fuse", label, lambda cb: run_fuse(
+                p, out=out, scene=scene, pan=pan, ms=ms, sensor=sensor,
+                bands=[b.strip() for b in bands.split(",")] if bands else None, ms_upsampled=ms_upsampled,
+                nodata=nodata, method=method, dataset=dataset, seed=seed, model=model, window=_window(window),
+                tile=tile, dtype=dtype, device=device, progress=cb))
+        except FuseError as e:
+            raise ConfigError(str(e)) from None
+
+    if no_track or p is None or scene is None or method is None:
+        result = work()
+    else:
+        from bnnpan import tracking
+
+        with tracking.stage_run(p, f"fuse_{scene}_{run_name(method, seed)}"):
+            result = work()
+            c, h, w = result["shape"]
+            tracking.log_params({"scene": scene, "method": method, "model": str(model) if model else None,
+                                 "dataset": dataset, "tile": tile, "dtype": result["dtype"], "out": str(out)})
+            tracking.log_metrics({"seconds": result["seconds"], "megapixels": h * w / 1e6,
+                                  "megapixels_per_s": h * w / 1e6 / max(result["seconds"], 1e-9),
+                                  "tiles": result["tiles"], "passes": result["passes"],
+                                  "halo_pan_px": result["halo_pan_px"]})
     c, h, w = result["shape"]
     console.print(f"  {result['out']}: {result['method']} ({result['kind']}), {c} x {h} x {w} {result['dtype']}, "
                   f"{result['tiles']} tile(s) of {result['tile']} + halo {result['halo_pan_px']} PAN px, "

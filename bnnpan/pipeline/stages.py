@@ -45,6 +45,10 @@ BNNPAN_CODE = ["bnnpan/models/bnnpan.py", "bnnpan/models/pibf.py", "bnnpan/model
 PRIOR_CODE = TRAIN_CODE + BNNPAN_CODE + ["bnnpan/train/prior.py"]
 CHECK_CODE = ["bnnpan/config.py", "bnnpan/sensors.py", "bnnpan/pipeline/stages.py"]
 NETWORK_EVAL_CODE = ["bnnpan/models/checkpoint.py", "bnnpan/eval/cost.py"]
+EXPORT_CODE = ["bnnpan/deploy/export.py", "bnnpan/models/packing.py", "bnnpan/models/checkpoint.py",
+               "bnnpan/train/run.py", "bnnpan/tracking.py"]
+FUSE_CODE = ["bnnpan/deploy/fuse.py", "bnnpan/data/wald.py", "bnnpan/data/scene.py", "bnnpan/models/registry.py",
+             "bnnpan/models/classical.py", "bnnpan/sensors.py", "bnnpan/atomic.py"]
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,8 @@ def _build(params: Params) -> list[Stage]:
             desc=f"reduced/full-resolution metrics of {method} on {ds}" + (f", seed {seed}" if network else ""),
         ))
         report_deps += [f"{out}/metrics.json", f"{out}/tiles.csv", f"{out}/fused"]
+    deploy_deps = _deploy_stages(params, stages)
+    report_deps += deploy_deps
     if evaluated:
         datasets = sorted({d for d, _ in evaluated})
         # The LaTeX tables: results always; comparisons when the report compares binary networks; seeds when a
@@ -245,17 +251,64 @@ def _build(params: Params) -> list[Stage]:
         stages.append(Stage(
             name="report",
             cmd=("bnnpan", "report"),
-            deps=tuple(REPORT_CODE + report_deps + [f"{p.prepared}/{d}" for d in datasets]),
+            deps=tuple(REPORT_CODE + report_deps + [f"{p.prepared}/{d}" for d in datasets]
+                       + list(dict.fromkeys(f"{p.raw}/{d.scene}" for d in params.deploy))),
             params=("report", "train.seeds"),
             outs=tables_out,
             plots=tuple(f"{p.reports}/figures/{d}_{kind}.png" for d in datasets for kind in ("metrics", "visual"))
             + tuple(f"{p.reports}/figures/{d}_subbands.png" for d in datasets
                     if any((d, m) in evaluated for m in SUBBAND_METHODS))
-            + tuple(f"{p.reports}/figures/{d}_stats.png" for d in datasets if _comparisons_due(params, d, evaluated)),
+            + tuple(f"{p.reports}/figures/{d}_stats.png" for d in datasets if _comparisons_due(params, d, evaluated))
+            + tuple(f"{p.reports}/figures/deploy_{params.deploy_name(d)}.png" for d in params.deploy),
             uncached=tables_out,
             desc="summary.md, metrics.csv, metrics_tiles.csv, LaTeX tables and figures for every evaluated method",
         ))
     return [stages[0], *(replace(s, deps=(*s.deps, stamp), order_only=(stamp,)) for s in stages[1:])]
+
+
+def _deploy_stages(params: Params, stages: list[Stage]) -> list[str]:
+    """The ``deploy:`` entries: ``export_<dataset>_<run>`` for a network (the packed file, registered in MLflow;
+    once per network), then ``fuse_<scene>_<run>`` writing ``<paths.deploy>/<scene>_<run>.tif``. Appends the
+    stages; returns the fused files (the report's quicklooks)."""
+    p = params.paths
+    fused: list[str] = []
+    exported: set[str] = set()
+    for dep in params.deploy:
+        name = params.deploy_name(dep)
+        out = f"{p.deploy}/{name}.tif"
+        cmd = ["bnnpan", "fuse", "--scene", dep.scene, "--method", dep.method, "--tile", str(dep.tile), "--out", out]
+        deps = [*FUSE_CODE, f"{p.raw}/{dep.scene}"]
+        network = dep.method in params.train.methods
+        if network:
+            assert dep.dataset is not None  # Params._check_deploy
+            run = run_name(dep.method, dep.seed)
+            model = f"{p.models}/{dep.dataset}/{run}.safetensors"
+            if model not in exported:
+                exported.add(model)
+                stages.append(Stage(
+                    name=f"export_{dep.dataset}_{run}",
+                    cmd=("bnnpan", "export", "--dataset", dep.dataset, "--method", dep.method, "--seed",
+                         str(dep.seed), "--out", model),
+                    deps=tuple(EXPORT_CODE + [f"{p.models}/{dep.dataset}/{run}.pt", f"{p.prepared}/{dep.dataset}",
+                                              f"{p.reports}/{dep.dataset}/{run}/metrics.json"]),
+                    params=(),
+                    outs=(model,),
+                    desc=f"{dep.method} (seed {dep.seed}) trained on {dep.dataset} as a packed 1-bit safetensors file, "
+                         f"registered in MLflow as bnnpan-{dep.dataset}-{dep.method}",
+                ))
+            cmd += ["--model", model, "--dataset", dep.dataset]
+            deps += [*EXPORT_CODE[:3], model]
+        stages.append(Stage(
+            name=f"fuse_{name}",
+            cmd=tuple(cmd),
+            deps=tuple(dict.fromkeys(deps)),
+            params=(*(("device",) if network else ()), "threads"),
+            outs=(out,),
+            threads=params.threads if network else 1,
+            desc=f"the whole scene {dep.scene} sharpened by {dep.method} (Cloud-Optimized GeoTIFF on the PAN grid)",
+        ))
+        fused.append(out)
+    return fused
 
 
 def _comparisons_due(params: Params, dataset: str, evaluated: list[tuple[str, str]]) -> bool:

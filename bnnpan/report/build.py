@@ -77,7 +77,7 @@ from typing import Any
 import pandas as pd
 
 from bnnpan.atomic import atomic_path
-from bnnpan.report.figures import metrics_figure, stats_figure, subband_figure, visual_figure
+from bnnpan.report.figures import deploy_figure, metrics_figure, stats_figure, subband_figure, visual_figure
 from bnnpan.report.latex import comparisons_tex, results_tex, seeds_tex
 from bnnpan.report.load import OPTIONAL_METRICS, Visual, load_manifest, load_visual
 from bnnpan.report.runs import (
@@ -129,6 +129,7 @@ def build_report(
     prepared_dir: Path = Path("data/prepared"),
     tile: int = 0,
     seeds: Mapping[str, Sequence[int] | None] | None = None,
+    deploy: Sequence[tuple[str, str, Path, Path]] = (),
 ) -> dict[str, Path]:
     """Write ``summary.md``, ``metrics.csv``, ``metrics_tiles.csv``, the LaTeX tables and two to four figures per
     dataset for the given pairs.
@@ -143,8 +144,16 @@ def build_report(
     ``"<dataset>_comparisons_tex"`` for each dataset with two binary networks or one and fp
     (:func:`bnnpan.report.comparisons_due`), and ``"<dataset>_seeds_tex"`` for each dataset where a method has
     more than one seed. A listed run without ``metrics.json`` is a :class:`ValueError` naming the file.
+
+    ``deploy``: ``(name, method, fused GeoTIFF, raw scene folder)`` of each whole scene the DAG sharpened
+    (``params.deploy``); each gets a quicklook ``"deploy_<name>"`` (``figures/deploy_<name>.png``) and a line in
+    the Deployment section.
     """
     reports_dir, prepared_dir = Path(reports_dir), Path(prepared_dir)
+    for name, _, fused, scene_dir in deploy:
+        for need in (Path(fused), Path(scene_dir) / "scene.json"):
+            if not need.is_file():
+                raise ValueError(f"{need} not found: the deployment {name} has not run (`bnnpan fuse`, or dvc repro)")
     if not pairs:
         raise ValueError("no (dataset, method) pairs to report on; configure methods and run `bnnpan evaluate`")
     order: dict[str, list[str]] = {}
@@ -248,6 +257,15 @@ def build_report(
         source = trained_on(methods, results[d])
         if source is not None and source in results:
             lines += cross_scene_section(d, source, methods, results[d], results[source])
+    if deploy:
+        lines += ["## Deployment", "",
+                  "Whole scenes sharpened by `bnnpan fuse` (params `deploy:`), Cloud-Optimized GeoTIFFs on the PAN "
+                  "grid. Top: the whole scene (decimated); bottom: a detail at full resolution (outlined above).", ""]
+        for name, method, fused, scene_dir in deploy:
+            fig = deploy_figure(name, method, Path(fused), Path(scene_dir), fig_dir / f"deploy_{name}.png")
+            written[f"deploy_{name}"] = fig
+            lines += [f"- `{fused}`: {method}", "", f"![{name}: PAN, EXP and {method}](figures/deploy_{name}.png)",
+                      ""]
     text = "\n".join(lines).rstrip() + "\n"
     written["summary"] = _text(reports_dir / "summary.md", text)
     return written

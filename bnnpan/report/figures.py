@@ -427,3 +427,103 @@ def stats_figure(dataset: str, st: DatasetStats, path: Path) -> Path:
     fig.tight_layout()
     return save_fig(fig, path)
 
+
+
+QUICKLOOK_SIDE = 640  # pixels of the overview panels' longer side
+QUICKLOOK_DETAIL = 128  # PAN pixels of the zoomed detail's side
+
+
+def _read_decimated(path: Path, shape: tuple[int, int], bands: list[int] | None = None) -> np.ndarray:
+    """``path`` read at ``shape`` (GDAL's averaging; a COG answers from its overviews), float64, nodata NaN."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    with rasterio.open(path) as src:
+        idx = [b + 1 for b in bands] if bands is not None else list(range(1, src.count + 1))
+        a = src.read(idx, out_shape=(len(idx), *shape), resampling=Resampling.average, masked=True)
+        return np.ma.filled(a.astype(np.float64), np.nan)
+
+
+def _read_window(path: Path, row: int, col: int, side: int, bands: list[int] | None = None) -> np.ndarray:
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as src:
+        idx = [b + 1 for b in bands] if bands is not None else list(range(1, src.count + 1))
+        a = src.read(idx, window=Window(col, row, side, side), masked=True)
+        return np.ma.filled(a.astype(np.float64), np.nan)
+
+
+def _rgb_panel(a: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(_stretch(a, lo, hi).transpose(1, 2, 0), nan=0.0)
+
+
+def deploy_figure(name: str, method: str, fused: Path, scene_dir: Path, path: Path) -> Path:
+    """Quicklook of a whole scene sharpened by ``bnnpan fuse``: PAN, EXP and the fused image, over the whole scene
+    (top row, decimated by averaging; a COG answers from its overviews) and over a zoomed detail at full
+    resolution (bottom row: the :data:`QUICKLOOK_DETAIL` px window of highest PAN gradient energy, outlined above).
+
+    EXP is the MS upsampled by the 23-tap interpolator (:func:`bnnpan.data.wald.interp23`), computed on the detail's
+    MS window with a 12 MS px margin. The colour panels share the fused image's 2-98 % stretch; nodata is black.
+    Only windows and overviews are read, so the figure costs the same for any scene size.
+    """
+    import json
+
+    from bnnpan.data import wald
+
+    meta = json.loads((scene_dir / "scene.json").read_text())
+    ratio = int(meta["ratio"])
+    ph, pw = (int(v) for v in meta["pan_shape"])
+    n_bands = int(meta["ms_shape"][0])
+    rgb = _rgb_indices({}, meta, n_bands)
+    k = max(1, math.ceil(max(ph, pw) / QUICKLOOK_SIDE))
+    shape = (max(1, ph // k), max(1, pw // k))
+    pan_small = _read_decimated(scene_dir / "pan.tif", shape)[0]
+    exp_small = _read_decimated(scene_dir / "ms.tif", shape, rgb)
+    fused_small = _read_decimated(fused, shape, rgb)
+    valid = fused_small[:, np.isfinite(fused_small).all(0)]
+    lo = np.percentile(valid, 2, axis=1) if valid.size else np.zeros(3)
+    hi = np.percentile(valid, 98, axis=1) if valid.size else np.ones(3)
+    pvalid = pan_small[np.isfinite(pan_small)]
+    plo, phi = np.percentile(pvalid, [2, 98]) if pvalid.size else (0.0, 1.0)
+
+    # the detail: chosen on the decimated PAN, read at full resolution, aligned to the MS grid
+    side = min(QUICKLOOK_DETAIL, ph, pw) // ratio * ratio
+    small_side = max(2, side // k)
+    r0, c0 = detail_window(np.nan_to_num(pan_small, nan=float(np.nanmean(pan_small))), small_side)
+    row = min(max(0, (r0 * k) // ratio * ratio), ph - side)
+    col = min(max(0, (c0 * k) // ratio * ratio), pw - side)
+    pan_d = _read_window(scene_dir / "pan.tif", row, col, side)[0]
+    fused_d = _read_window(fused, row, col, side, rgb)
+    margin = 12
+    mr, mc, ms_side = row // ratio, col // ratio, side // ratio
+    r_lo, c_lo = max(0, mr - margin), max(0, mc - margin)
+    ms_h, ms_w = int(meta["ms_shape"][1]), int(meta["ms_shape"][2])
+    r_hi, c_hi = min(ms_h, mr + ms_side + margin), min(ms_w, mc + ms_side + margin)
+    ms_win = _read_window(scene_dir / "ms.tif", r_lo, c_lo, max(r_hi - r_lo, c_hi - c_lo), rgb)
+    ms_win = ms_win[:, : r_hi - r_lo, : c_hi - c_lo]
+    up = wald.interp23(np.nan_to_num(ms_win), ratio)
+    oy, ox = (mr - r_lo) * ratio, (mc - c_lo) * ratio
+    exp_d = up[:, oy : oy + side, ox : ox + side]
+    exp_d[:, ~np.isfinite(fused_d).all(0)] = np.nan
+
+    fig, axes = plt.subplots(2, 3, figsize=(3 * 3.2, 2 * 3.2 * min(1.0, shape[0] / shape[1]) + 0.6), dpi=DPI,
+                             squeeze=False)
+    panels = [("PAN", np.clip((pan_small - plo) / max(phi - plo, 1e-12), 0, 1), True),
+              ("EXP (MS, interpolated)", _rgb_panel(exp_small, lo, hi), False),
+              (f"{method} (fused)", _rgb_panel(fused_small, lo, hi), False)]
+    details = [np.clip((pan_d - plo) / max(phi - plo, 1e-12), 0, 1), _rgb_panel(exp_d, lo, hi),
+               _rgb_panel(fused_d, lo, hi)]
+    for j, ((title, img, grey), det) in enumerate(zip(panels, details, strict=True)):
+        ax = axes[0, j]
+        ax.imshow(np.nan_to_num(img), cmap="gray" if grey else None, interpolation="nearest")
+        ax.add_patch(Rectangle((col / k - 0.5, row / k - 0.5), side / k, side / k, fill=False, ec="yellow", lw=1.2))
+        ax.set_title(title, fontsize=9)
+        axes[1, j].imshow(np.nan_to_num(det), cmap="gray" if grey else None, interpolation="nearest")
+        axes[1, j].set_title(f"detail {side} x {side} px at ({row}, {col})", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{name}: {meta.get('sensor', '')} scene {ph} x {pw} PAN px, sharpened by {method}", fontsize=10)
+    fig.tight_layout()
+    return save_fig(fig, path, max_pixels=1.6e6)

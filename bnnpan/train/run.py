@@ -42,6 +42,31 @@ def model_file(params: Params, dataset: str, method: str, seed: int = 0) -> Path
     return Path(params.paths.models) / dataset / f"{run_name(method, seed)}.pt"
 
 
+def training_digest(params: Params, dataset: str, method: str, seed: int, data_sha256: str,
+                    net_cfg: NetConfig | None = None) -> str:
+    """The ``params_digest`` of a checkpoint: sha256 of everything that makes the training run what it is.
+
+    The method, its network and config, the resolved recipe, the seed, the training file's sha256, the prior's
+    sha256 (BNNPan methods) and the thread count (a checkpoint is continued bit for bit only with the same
+    count). A checkpoint whose digest differs is not resumed (:func:`bnnpan.train.loop.train`), and
+    ``bnnpan export`` uses it to confirm which training data a checkpoint was made from.
+    """
+    if net_cfg is None:
+        attrs = read_attrs(Path(params.paths.prepared) / dataset / "train.h5")
+        net_cfg = NetConfig(in_channels=len(attrs["bands"]), width=params.model.width, depth=params.model.depth,
+                            ratio=int(attrs["ratio"]), extra=params.network_extra(method),
+                            zero_init_tail=params.model.zero_init_tail)
+    prior_sha = None
+    if method in params.prior_methods():
+        prior = prior_file(params, dataset, seed)
+        prior_sha = hashlib.sha256(prior.read_bytes()).hexdigest() if prior.is_file() else "missing"
+    return hashlib.sha256(json.dumps({
+        "method": method, "network": params.network_of(method), "dataset": dataset, "net": asdict(net_cfg),
+        "train": params.train.resolved(method), "seed": seed, "data": data_sha256, "prior": prior_sha,
+        "threads": resolve_threads(params.threads)[0],
+    }, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def train_method(params: Params, dataset: str, method: str, *, seed: int | None = None, track: bool = True,
                  resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Train ``method`` on ``dataset`` with training seed ``seed`` (default: the first of ``train.seeds``).
@@ -61,18 +86,10 @@ def train_method(params: Params, dataset: str, method: str, *, seed: int | None 
     recipe = params.train.resolved(method)
     tcfg = TrainConfig(seed=seed, **recipe)
     prior_path = prior_file(params, dataset, seed) if method in params.prior_methods() else None
-    prior_sha = None
-    if prior_path is not None:
-        if not prior_path.is_file():
-            raise CheckpointError(f"{prior_path}: {method} needs the pretrained latent prior; run "
-                                    f"`bnnpan pretrain-prior --dataset {dataset} --seed {seed}` first")
-        prior_sha = hashlib.sha256(prior_path.read_bytes()).hexdigest()
-    # The thread count is in the digest: a checkpoint is continued bit for bit only with the same count.
-    digest = hashlib.sha256(json.dumps({
-        "method": method, "network": network, "dataset": dataset, "net": asdict(net_cfg), "train": recipe,
-        "seed": seed, "data": manifest["files"]["train.h5"]["sha256"], "prior": prior_sha,
-        "threads": resolve_threads(params.threads)[0],
-    }, sort_keys=True, default=str).encode()).hexdigest()
+    if prior_path is not None and not prior_path.is_file():
+        raise CheckpointError(f"{prior_path}: {method} needs the pretrained latent prior; run "
+                              f"`bnnpan pretrain-prior --dataset {dataset} --seed {seed}` first")
+    digest = training_digest(params, dataset, method, seed, manifest["files"]["train.h5"]["sha256"], net_cfg)
     _, threads_source = _threads(params)
     torch.manual_seed(seed)
     model = build_network(network, net_cfg)
