@@ -101,7 +101,8 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "bnnpan.cli", "fuse", "--scene", n, "--params", str(params), *args,
                        "--tile", str(a.tile), "--out", str(out), "--no-track"]
                 wall, rss, stdout = measure_run(cmd, REPO, child_env(CI="1"))
-                m = re.search(r"([\d.]+) s\s*$", stdout.strip())
+                # the command's own summary line (rich may wrap it): "... statistics pass(es), 12.3 s"
+                m = re.search(r"pass\(es\), ([\d.]+) s", " ".join(stdout.split()))
                 fuse_s = float(m.group(1)) if m else wall
                 mp = s * s / 1e6
                 rows.append({"size": s, "method": label, "megapixels": mp, "wall_s": round(wall, 2),
