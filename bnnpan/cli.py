@@ -81,7 +81,8 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params fil
 #: an error of a module the command never loaded cannot have been raised, and importing them all up front would
 #: load torch, h5py and rasterio into every command (~3 s for `report` or `fetch`, which need none of them).
 _INPUT_ERRORS = (("bnnpan.data.hdf5io", "HDF5Error"), ("bnnpan.data.scene", "SceneError"),
-                 ("bnnpan.train.loop", "CheckpointError"), ("bnnpan.models.packing", "PackedFileError"))
+                 ("bnnpan.train.loop", "CheckpointError"), ("bnnpan.models.packing", "PackedFileError"),
+                 ("bnnpan.deploy.export", "ExportError"), ("bnnpan.deploy.fuse", "FuseError"))
 
 
 def _input_error_types() -> tuple[type[BaseException], ...]:
@@ -376,14 +377,10 @@ def export(
 
     It becomes a new version of the registered model bnnpan-<dataset>-<method> (browse: `bnnpan ui`).
     """
-    from bnnpan.deploy.export import ExportError, PackedFileError, export_method
+    from bnnpan.deploy.export import export_method
 
     p = load_params(params)
-    try:
-        r = export_method(p, dataset, method, out, seed=seed, register_model=not no_register)
-    except (ExportError, PackedFileError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    r = export_method(p, dataset, method, out, seed=seed, register_model=not no_register)
     meta = r["meta"]
     n_bin = len(meta["binary"])
     check = ("not checked (no test file)" if r["max_abs_diff"] is None
@@ -442,7 +439,7 @@ def fuse(
     halos (whole-image statistics in streaming passes), so memory does not grow with the scene and the result
     equals one pass. Values are clipped to [0, scale]; nodata pixels stay nodata. See bnnpan/deploy/fuse.py.
     """
-    from bnnpan.deploy.fuse import FuseError, run_fuse
+    from bnnpan.deploy.fuse import run_fuse
     from bnnpan.environment import apply_threads
 
     if dtype not in ("source", "float32", "float64"):
@@ -452,14 +449,11 @@ def fuse(
     label = scene or (pan.name if pan else "?")
 
     def work() -> dict[str, Any]:
-        try:
-            return _with_progress("fuse", label, lambda cb: run_fuse(
-                p, out=out, scene=scene, pan=pan, ms=ms, sensor=sensor,
-                bands=[b.strip() for b in bands.split(",")] if bands else None, ms_upsampled=ms_upsampled,
-                nodata=nodata, method=method, dataset=dataset, seed=seed, model=model, window=_window(window),
-                tile=tile, dtype=dtype, device=device, progress=cb))
-        except FuseError as e:
-            raise ConfigError(str(e)) from None
+        return _with_progress("fuse", label, lambda cb: run_fuse(
+            p, out=out, scene=scene, pan=pan, ms=ms, sensor=sensor,
+            bands=[b.strip() for b in bands.split(",")] if bands else None, ms_upsampled=ms_upsampled,
+            nodata=nodata, method=method, dataset=dataset, seed=seed, model=model, window=_window(window),
+            tile=tile, dtype=dtype, device=device, progress=cb))
 
     if no_track or p is None or scene is None or method is None:
         result = work()

@@ -107,10 +107,11 @@ def _init(params: Params) -> str:
     return retry(_get_or_create)
 
 
-def git_commit() -> str:
+def git_commit(cwd: str | Path | None = None) -> str:
+    """``git rev-parse HEAD`` in ``cwd`` (default: the working directory), ``"unknown"`` outside a checkout."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              check=True).stdout.strip()
+                              check=True, cwd=cwd).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

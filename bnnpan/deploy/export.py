@@ -72,7 +72,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,6 +81,7 @@ import torch
 from torch import Tensor, nn
 
 from bnnpan.atomic import atomic_path, write_with
+from bnnpan.data.scene import sha256_file
 from bnnpan.models.packing import PackedFileError, PackedLayer, PackedModel, pack_model, unpack_into
 
 __all__ = ["FORMAT", "VERSION", "ExportError", "PackedFileError", "export_method", "export_model",
@@ -287,26 +287,13 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -
 # ------------------------------------------------------------------------------- provenance of a checkpoint
 
 
-def _git_commit() -> str | None:
-    """The commit of the checkout the package is imported from (None when not a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, timeout=5,
-                             capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out or None
-
-
 def code_version() -> dict[str, Any]:
+    """bnnpan's version and the commit of the checkout the package is imported from (None outside git)."""
     from bnnpan import __version__
+    from bnnpan.tracking import git_commit
 
-    return {"bnnpan": __version__, "git_commit": _git_commit()}
-
-
-def _sha256(path: Path) -> str:
-    from bnnpan.data.scene import sha256_file
-
-    return sha256_file(path)
+    commit = git_commit(Path(__file__).resolve().parent)
+    return {"bnnpan": __version__, "git_commit": None if commit == "unknown" else commit}
 
 
 def training_data(params: Any, dataset: str, method: str, seed: int, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +308,7 @@ def training_data(params: Any, dataset: str, method: str, seed: int, ckpt: dict[
     try:
         sha = json.loads(manifest.read_text())["files"][path.name]["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
-        sha = _sha256(path)  # no manifest entry (an imported file): hash it here
+        sha = sha256_file(path)  # no manifest entry (an imported file): hash it here
     net = ckpt["net"]
     bands = list(attrs.get("bands") or [])
     if float(attrs["scale"]) != float(ckpt["scale"]):
@@ -394,7 +381,7 @@ def evaluated_metrics(params: Any, dataset: str, method: str, seed: int, model_p
         raise ExportError(f"{path}: unreadable metrics file ({type(e).__name__}: {e})") from None
     # evaluate records the sha256 of the checkpoint it scored; older metrics files are checked through dvc.lock
     if scored is not None:
-        check, ok = "metrics.json model_sha256", scored == _sha256(model_path)
+        check, ok = "metrics.json model_sha256", scored == sha256_file(model_path)
     else:
         check, ok = _lock_check(path, model_path)
     if not ok:
@@ -465,7 +452,7 @@ def export_method(params: Any, dataset: str, method: str, out: str | os.PathLike
         "method": method, "network": str(net["name"]), "seed": seed, "dataset": dataset, "run": run_name(method, seed),
         "net": net, "scale": float(ckpt["scale"]), **provenance,
         "needs_reference": bool(getattr(model, "needs_reference", False)),
-        "checkpoint": {"file": ckpt_path.name, "sha256": _sha256(ckpt_path), "step": ckpt.get("step"),
+        "checkpoint": {"file": ckpt_path.name, "sha256": sha256_file(ckpt_path), "step": ckpt.get("step"),
                        "params_digest": ckpt.get("params_digest")},
         "metrics": {"test": metrics, "validation": validation or None},
         "code_version": code_version(), "torch": str(torch.__version__),

@@ -45,8 +45,9 @@ BNNPAN_CODE = ["bnnpan/models/bnnpan.py", "bnnpan/models/pibf.py", "bnnpan/model
 PRIOR_CODE = TRAIN_CODE + BNNPAN_CODE + ["bnnpan/train/prior.py"]
 CHECK_CODE = ["bnnpan/config.py", "bnnpan/sensors.py", "bnnpan/pipeline/stages.py"]
 NETWORK_EVAL_CODE = ["bnnpan/models/checkpoint.py", "bnnpan/eval/cost.py"]
-EXPORT_CODE = ["bnnpan/deploy/export.py", "bnnpan/models/packing.py", "bnnpan/models/checkpoint.py",
-               "bnnpan/train/run.py", "bnnpan/tracking.py"]
+# Reading an exported file (fuse --model) needs the first of these; writing it (export) all of them.
+LOAD_EXPORTED_CODE = ["bnnpan/deploy/export.py", "bnnpan/models/packing.py", "bnnpan/models/checkpoint.py"]
+EXPORT_CODE = LOAD_EXPORTED_CODE + ["bnnpan/train/run.py", "bnnpan/tracking.py"]
 FUSE_CODE = ["bnnpan/deploy/fuse.py", "bnnpan/data/wald.py", "bnnpan/data/scene.py", "bnnpan/models/registry.py",
              "bnnpan/models/classical.py", "bnnpan/sensors.py", "bnnpan/atomic.py"]
 
@@ -297,7 +298,7 @@ def _deploy_stages(params: Params, stages: list[Stage]) -> list[str]:
                          f"registered in MLflow as bnnpan-{dep.dataset}-{dep.method}",
                 ))
             cmd += ["--model", model, "--dataset", dep.dataset]
-            deps += [*EXPORT_CODE[:3], model]
+            deps += [*LOAD_EXPORTED_CODE, model]
         stages.append(Stage(
             name=f"fuse_{name}",
             cmd=tuple(cmd),

@@ -248,14 +248,18 @@ def detail_window(pan: np.ndarray, side: int, cut: int = 0) -> tuple[int, int]:
     h, w = p.shape
     side = max(1, min(side, h, w))
     gy, gx = np.gradient(p)
-    energy = gy * gy + gx * gx
-    integral = np.pad(energy, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    sums = (integral[side:, side:] - integral[:-side, side:] - integral[side:, :-side] + integral[:-side, :-side])
+    sums = _window_sums(gy * gy + gx * gx, side)
     lo = cut if h - 2 * cut >= side and w - 2 * cut >= side else 0
     r_hi, c_hi = (h - side - lo, w - side - lo)
     window = sums[lo : r_hi + 1, lo : c_hi + 1]
     r, c = np.unravel_index(int(np.argmax(window)), window.shape)
     return int(r) + lo, int(c) + lo
+
+
+def _window_sums(a: np.ndarray, side: int) -> np.ndarray:
+    """Sum of ``a`` over every ``side`` x ``side`` window, indexed by its top-left corner (an integral image)."""
+    i = np.pad(a, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    return i[side:, side:] - i[:-side, side:] - i[side:, :-side] + i[:-side, :-side]
 
 
 VISUAL_PANEL = 3.0  # inches per panel at DPI: about 330 px, so a 256 px tile is seen at its own resolution
@@ -466,14 +470,8 @@ def _ground_detail(pan: np.ndarray, side: int, bright: float, max_bright: float 
     h, w = p.shape
     side = max(1, min(side, h, w))
     gy, gx = np.gradient(np.minimum(p, bright))
-    energy = gy * gy + gx * gx
-
-    def sums(a: np.ndarray) -> np.ndarray:
-        i = np.pad(a, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-        return i[side:, side:] - i[:-side, side:] - i[side:, :-side] + i[:-side, :-side]
-
-    score = sums(energy)
-    ok = sums((p >= bright).astype(np.float64)) <= max_bright * side * side
+    score = _window_sums(gy * gy + gx * gx, side)
+    ok = _window_sums((p >= bright).astype(np.float64), side) <= max_bright * side * side
     if ok.any():
         score = np.where(ok, score, -1.0)
     r, c = np.unravel_index(int(np.argmax(score)), score.shape)
