@@ -94,7 +94,6 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
-from scipy import signal
 
 from bnnpan.atomic import atomic_path
 from bnnpan.data import wald
@@ -220,7 +219,7 @@ class _Scene:
             for c, d in _runs(uc):
                 hc = np.clip(np.arange(R * c - m, R * d + m), 0, self.W - 1)
                 img = bands(_gather(self.pan, hr, hc))
-                low = _mtf_padded(img, gains, R)
+                low = wald.mtf_filter(img, gains, R, 2 * m + 1, padded=True)
                 if dc is not None:
                     low = low / dc[:, None, None]
                 rowblocks.append(wald.decimate(low, R))
@@ -246,16 +245,6 @@ def _mtf_kernel(gain: float, ratio: int) -> np.ndarray:
     k = wald.mtf_kernel(gain, ratio, 2 * MTF_MARGIN + 1)
     k.flags.writeable = False
     return k
-
-
-def _mtf_padded(img: np.ndarray, gains: Sequence[float], ratio: int) -> np.ndarray:
-    """``wald.mtf_filter(img, gains, ratio, 41, padded=True)`` with cached kernels: the same FFT convolution
-    (``fftconvolve(band, h, mode="valid")``) of each band, whose 20-pixel margins are already in ``img``."""
-    m = 2 * MTF_MARGIN
-    out = np.empty((img.shape[0], img.shape[1] - m, img.shape[2] - m))
-    for b, g in enumerate(gains):
-        out[b] = signal.fftconvolve(img[b], _mtf_kernel(float(g), ratio), mode="valid")
-    return out
 
 
 @dataclass
