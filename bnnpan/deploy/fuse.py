@@ -41,10 +41,20 @@ tiles before the fusion pass (means and co-moment matrices merged tile by tile w
 update, maxima by ``max``), so the tiled result equals the single-pass one: no method is refused for it. The
 statistics run over every pixel, nodata included, exactly as the single-pass formulas do. Passes: EXP 0,
 MTF-GLP-HPM 1 (``max |P_L,b|``), Brovey / GSA / MTF-GLP 1, MTF-GLP-HPM-EQ 2 (its ``P_L,b`` depends on the
-equalisation). A network whose output depends on the whole image (BNNPan: the per-image mean / std of its
-binary units, CDC's and the prior's global average pooling) cannot be tiled exactly: it is fused in one pass
-when the scene fits in one tile and refused in one line otherwise (``--tile`` can be raised). So is a
-classical method registered later without a tiled form here.
+equalisation). A network with per-image statistics (BNNPan: the mean / std of each binary unit's input, CDC's
+and the prior encoder's global average pools, all through :func:`bnnpan.models.imagestats.channel_moments`) is
+streamed the same way, one pass per statistic in forward order: pass k runs every tile's window up to
+statistic k (the earlier ones the scene's) and adds the share of its core; the fusion pass uses them all
+(5 passes for a depth-2 BNNPan, 9 at depth 4; none when the scene is one tile). Its halo also covers what
+each statistic's input reads (the impulse test with the statistics held), and windows start on the grid of
+its coarsest statistic (16 PAN pixels: E2's pooled map). The statistics are merged in float64 and rounded
+as the single pass rounds its float64 reduction, so they are the single pass's to float32 rounding (on
+Momotombo at one torch thread, bit for bit: the image is off by at most 3e-8 of the scale). oneDNN picks
+convolution kernels by the input's size and, with several threads, splits them by it: a tile's features can
+then differ from the whole image's by float32 rounding, and a binary activation that close to its threshold
+flips (a depth-2 test BNNPan at 2 threads, tiles of 160: 0.12 % of the pixels off by up to 8e-4 of the
+scale). A method registered later without a tiled form here is fused in one pass when the scene fits in one
+tile and refused in one line otherwise (``--tile`` can be raised).
 
 **Memory** is bounded by the tile, not the scene: one tile's arrays with their halos, the statistics (a few
 C x C matrices) and GDAL's block cache (:data:`GDAL_CACHE_MB`). Output rows are written tile by tile.
@@ -567,10 +577,28 @@ def _conv_bound(model: Any) -> tuple[int, int]:
     return r * stride, stride
 
 
-def _impulse_radius(model: Any, channels: int, n: int) -> int:
-    """Largest distance (Chebyshev, pixels) from an impulse at the centre of an ``n x n`` input at which the
-    output changes, in float64 on the CPU (any change counts: no rounding hides one)."""
+def _reach(diff: Any, c: int, f: int = 1) -> int:
+    """Largest Chebyshev distance (input pixels) from pixel ``c, c`` to a pixel of a changed feature (``diff`` > 0,
+    (H, W) on a grid of ``f`` input pixels per feature pixel); -1 when nothing changed."""
     import torch
+
+    ys, xs = torch.nonzero(diff > 0, as_tuple=True)
+    if ys.numel() == 0:
+        return -1
+    ext = [(v * f - c).abs().max() for v in (ys, xs)] + [(v * f + f - 1 - c).abs().max() for v in (ys, xs)]
+    return int(torch.stack(ext).max())
+
+
+def _impulse_radius(model: Any, channels: int, n: int) -> tuple[int, int]:
+    """``(output reach, statistics reach)`` of an impulse at the centre of an ``n x n`` input, in float64 on the CPU
+    (any change counts: no rounding hides one): the largest distance (Chebyshev, pixels) at which the output
+    changes, and at which the input of a per-image statistic (:mod:`bnnpan.models.imagestats`) changes, plus
+    twice its grid (the slack of a tile's share of a coarse feature map). The statistics themselves are held
+    at the unperturbed input's, so what is measured is the reach of everything else: what a tile's halo must
+    hold once the statistics are the scene's."""
+    import torch
+
+    from bnnpan.models import imagestats
 
     m = copy.deepcopy(model).to("cpu", torch.float64).eval()
     g = torch.Generator().manual_seed(0)
@@ -581,71 +609,144 @@ def _impulse_radius(model: Any, channels: int, n: int) -> int:
     lms2[..., c, c] += 0.3  # a large step: binary activations flip around it, as the conv stack lets them
     pan2[..., c, c] += 0.3
     with torch.no_grad():
-        diff = (m(lms, pan) - m(lms2, pan2)).abs().amax(dim=(0, 1))
-    ys, xs = torch.nonzero(diff > 0, as_tuple=True)
-    if ys.numel() == 0:
-        return 0
-    return int(torch.maximum((ys - c).abs(), (xs - c).abs()).max())
+        with imagestats.recording() as rec:
+            m(lms, pan)
+        frozen = imagestats.SceneStats(known=[(mu, var) for _, mu, var, _ in rec])
+        whole = imagestats.Window((0, 0), (0, n, 0, n))
+        cap_a: list = []
+        cap_b: list = []
+        with imagestats.streaming(frozen, whole, cap_a):
+            a = m(lms, pan)
+        with imagestats.streaming(frozen, whole, cap_b):
+            b = m(lms2, pan2)
+    out = _reach((a - b).abs().amax(dim=(0, 1)), c)
+    stats = -1
+    for (mod, xa), (_, xb) in zip(cap_a, cap_b, strict=True):
+        f = int(getattr(mod, "stat_stride", 1))
+        r = _reach((xa - xb).abs().amax(dim=(0, 1)), c, f)
+        if r >= 0:
+            stats = max(stats, r + 2 * f)
+    return max(out, 0), max(stats, 0)
+
+
+def stat_strides(model: Any, channels: int) -> list[int]:
+    """The grid (``stat_stride``) of each per-image statistic of ``model``'s forward pass, in order (empty for a
+    local network): one streaming pass each when a scene is fused in several tiles."""
+    import torch
+
+    from bnnpan.models import imagestats
+
+    p = next(model.parameters())
+    n = 64
+    with torch.no_grad(), imagestats.recording() as rec:
+        model(torch.full((1, channels, n, n), 0.5, dtype=p.dtype, device=p.device),
+              torch.full((1, 1, n, n), 0.5, dtype=p.dtype, device=p.device))
+    return [int(getattr(mod, "stat_stride", 1)) for mod, *_ in rec]
 
 
 def receptive_field(model: Any, channels: int) -> int | None:
-    """The receptive-field radius of a network in PAN pixels, or None when its output depends on the whole image.
+    """The radius in PAN pixels of the input a tile's core needs around it, or None when a change reaches
+    arbitrarily far (an operation over the whole image that does not go through
+    :func:`bnnpan.models.imagestats.channel_moments`).
 
-    The conv stack's radius (:func:`_conv_bound`) is checked by an impulse test on an input wider than twice
-    that: a change farther out means operations the stack does not show (pooling over the image, per-image
-    statistics, functional filters). If the change reaches the input's edge, the test is repeated on an input
-    twice as wide; reaching that edge too means a global operation (None). Otherwise the larger of the two
-    radii is returned.
+    The conv stack's radius (:func:`_conv_bound`) is checked by an impulse test (:func:`_impulse_radius`, per-image
+    statistics held fixed) on an input wider than twice that: a change farther out means operations the stack
+    does not show (functional filters, strided branches). If the change reaches the input's edge, the test is
+    repeated on an input twice as wide; reaching that edge too means a global operation (None). Otherwise the
+    larger of the radii is returned.
     """
     bound, _ = _conv_bound(model)
     n = 32 * math.ceil((2 * bound + 34) / 32)
     for _ in range(2):
-        r = _impulse_radius(model, channels, n)
-        if r < n // 2 - 1:
-            return max(bound, r)
+        r_out, r_stats = _impulse_radius(model, channels, n)
+        if r_out < n // 2 - 1 and r_stats < n // 2 - 1:
+            return max(bound, r_out, r_stats)
         n *= 2
     return None
 
 
 class _Network(_TiledMethod):
     """A trained network: each core with ``halo`` PAN pixels of context (its receptive field), its window cut
-    at the scene's edges (the network's own zero padding then falls there, as in one pass)."""
+    at the scene's edges (the network's own zero padding then falls there, as in one pass).
+
+    A network with per-image statistics (BNNPan) needs one streaming pass per statistic, in forward order
+    (:mod:`bnnpan.models.imagestats`): pass k runs each tile up to statistic k, with 0..k-1 the scene's, and
+    adds its core's share; the fusion pass then uses all of them. A scene in one tile needs none.
+    """
 
     def __init__(self, model: Any, meta: dict[str, Any], ratio: int, device: Any) -> None:
         import torch
+
+        from bnnpan.models import imagestats
 
         self.model, self.meta = model, meta
         self.name = str(meta.get("method") or "network")
         self.scale = float(meta["scale"])
         self.device = next(model.parameters()).device if device is None else torch.device(device)
         self.model.to(self.device).eval()
-        rf = receptive_field(model, int(meta.get("in_channels") or len(meta.get("bands") or ())))
-        _, align = _conv_bound(model)
-        self.align_lr = max(1, math.ceil(align / ratio))  # windows start on the stack's stride grid
+        channels = int(meta.get("in_channels") or len(meta.get("bands") or ()))
+        rf = receptive_field(model, channels)
+        strides = stat_strides(model, channels)
+        self.passes = len(strides)
+        self.stats = imagestats.SceneStats()
+        _, stride = _conv_bound(model)
+        align = math.lcm(stride, *strides)  # PAN pixels: windows start on the strided layers' grid
+        self.align_lr = align // math.gcd(align, ratio)
         if rf is None:
-            self.single_pass, self.why = True, ("uses statistics of the whole image (its output changes everywhere "
-                                                "when one pixel does), so it cannot be tiled exactly")
+            self.single_pass, self.why = True, ("changes everywhere when one pixel does, through an operation on the "
+                                                "whole image that is not streamed, so it cannot be tiled exactly")
             self.halo_lr = 0
         else:
             self.halo_lr = self.align_lr * math.ceil(math.ceil(rf / ratio) / self.align_lr)
         self.halo = self.halo_lr * ratio
 
-    def _run(self, lms: np.ndarray, pan: np.ndarray) -> np.ndarray:
-        """:meth:`bnnpan.models.checkpoint.NetworkFuser.fuse`'s arithmetic: float32 inputs divided by the scale."""
+    def one_tile(self) -> None:
+        """The scene is one tile: its own statistics are the scene's, no pass needed."""
+        self.passes = 0
+
+    def _window(self, t: _Tile) -> tuple[tuple[int, int, int, int], Any]:
+        from bnnpan.models import imagestats
+
+        s, R, hn = t.scene, t.scene.R, self.halo_lr
+        ia, ib, ja, jb = max(0, t.i0 - hn), min(s.h, t.i1 + hn), max(0, t.j0 - hn), min(s.w, t.j1 + hn)
+        where = imagestats.Window((R * ia, R * ja), (R * t.i0, R * t.i1, R * t.j0, R * t.j1))
+        return (ia, ib, ja, jb), where
+
+    def _run(self, t: _Tile, stream: bool) -> np.ndarray | None:
+        """:meth:`bnnpan.models.checkpoint.NetworkFuser.fuse`'s arithmetic (float32 inputs divided by the scale)
+        on the tile's window; with ``stream``, inside the scene's statistics (None when the pass stops early)."""
         import torch
+
+        from bnnpan.models import imagestats
+
+        s, R = t.scene, t.scene.R
+        (ia, ib, ja, jb), where = self._window(t)
 
         def tensor(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32) / self.scale).to(self.device)
 
-        with torch.no_grad():
-            out = self.model(tensor(lms)[None], tensor(pan)[None, None])[0]
-        return out.double().cpu().numpy() * self.scale
+        lms, pan = tensor(s.lms(ia, ib, ja, jb))[None], tensor(s.pan(R * ia, R * ib, R * ja, R * jb))[None, None]
+        out = None
+        ctx = imagestats.streaming(self.stats, where) if stream else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            out = self.model(lms, pan)[0]
+        if out is None:
+            return None
+        out = out.double().cpu().numpy() * self.scale
+        return out[:, R * (t.i0 - ia) : R * (t.i1 - ia), R * (t.j0 - ja) : R * (t.j1 - ja)]
+
+    def accumulate(self, k: int, t: _Tile) -> None:
+        if self.stats.closed != k:
+            raise RuntimeError(f"statistics pass {k} of {self.name} with {self.stats.closed} closed")
+        if self._run(t, stream=True) is not None:
+            raise FuseError(f"network {self.name}: pass {k + 1} reached no per-image statistic (the model's "
+                            "statistics differ between inputs?)")
+
+    def end_pass(self, k: int) -> None:
+        self.stats.close()
 
     def fuse(self, t: _Tile) -> np.ndarray:
-        s, R, hn = t.scene, t.scene.R, self.halo_lr
-        ia, ib, ja, jb = max(0, t.i0 - hn), min(s.h, t.i1 + hn), max(0, t.j0 - hn), min(s.w, t.j1 + hn)
-        out = self._run(s.lms(ia, ib, ja, jb), s.pan(R * ia, R * ib, R * ja, R * jb))
-        return out[:, R * (t.i0 - ia) : R * (t.i1 - ia), R * (t.j0 - ja) : R * (t.j1 - ja)]
+        return self._run(t, stream=self.passes > 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -823,6 +924,8 @@ def fuse_scene(scene_dir: str | Path, out: str | Path, *, method: str | None = N
         t_lr = max(1, int(tile) // R)
         t_lr = max(align, t_lr // align * align)
         cores = _tiles(scene.h, scene.w, t_lr)
+        if len(cores) == 1 and hasattr(tm, "one_tile"):
+            tm.one_tile()
         if tm.single_pass and len(cores) > 1:
             raise FuseError(f"method {tm.name} {getattr(tm, 'why', 'has no tiled form')}; the scene "
                             f"({scene.H} x {scene.W} PAN pixels) is larger than one tile ({R * t_lr}): fuse it in "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bnnpan.models.imagestats import channel_moments
 from bnnpan.models.layers import BinaryConv2d, RPReLU
 from bnnpan.models.wavelet import HaarDWT, HaarIDWT
 
@@ -41,6 +42,9 @@ class StatBinaryUnit(nn.Module):
     mean|W| sign(W) per output channel -- BBCU's unit. ``groups`` independent units side by side.
     """
 
+    #: input pixels per pixel of the image the statistics are taken over (:mod:`bnnpan.models.imagestats`)
+    stat_stride = 1
+
     def __init__(self, channels: int, groups: int = 1, fp_stats: bool = True) -> None:
         super().__init__()
         self.fp_stats = bool(fp_stats)
@@ -51,7 +55,7 @@ class StatBinaryUnit(nn.Module):
     def forward(self, s: Tensor) -> Tensor:
         if not self.fp_stats:
             return self.act(self.conv(s))
-        var, mu = torch.var_mean(s, dim=(2, 3), keepdim=True, correction=0)
+        mu, var = channel_moments(self, s)
         sd = torch.sqrt(var + EPS)
         return sd * self.act(self.conv((s - mu) / sd))
 
@@ -69,6 +73,7 @@ class BWTC(nn.Module):
         super().__init__()
         self.dwt, self.idwt = HaarDWT(channels), HaarIDWT(channels)
         self.bands = StatBinaryUnit(4 * channels, groups=4, fp_stats=fp_stats)
+        self.bands.stat_stride = 2  # its statistics are of the sub-bands: one value per 2 x 2 input pixels
         self.base = StatBinaryUnit(channels, fp_stats=fp_stats) if base else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -108,7 +113,8 @@ class CDC(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, y: Tensor) -> Tensor:
-        a, b = self.fc2(self.act(self.fc1(y.mean(dim=(2, 3))))).chunk(2, dim=1)
+        mean, _ = channel_moments(self, y, var=False)
+        a, b = self.fc2(self.act(self.fc1(mean.flatten(1)))).chunk(2, dim=1)
         return y * (2 * torch.sigmoid(a))[..., None, None] + b[..., None, None]
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnnpan.models.imagestats import channel_moments
+
 UNSHUFFLE = 4
 KL_TEMPERATURE = 0.15
 
@@ -43,7 +45,8 @@ class LatentEncoder(nn.Module):
         self.conv2 = nn.Conv2d(width, width, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(width, width, 3, stride=2, padding=1)
         self.act = nn.LeakyReLU(0.1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        #: input pixels per pixel of the pooled map (unshuffle x4, two stride-2 convs): :mod:`bnnpan.models.imagestats`
+        self.stat_stride = UNSHUFFLE * 4
         self.fc1 = nn.Linear(width, latent_dim)
         self.fc2 = nn.Linear(latent_dim, latent_dim)
 
@@ -55,7 +58,8 @@ class LatentEncoder(nn.Module):
         x = self.act(self.conv1(self.unshuffle(x)))
         x = self.act(self.conv2(x))
         x = self.act(self.conv3(x))
-        return self.fc2(self.act(self.fc1(self.pool(x).flatten(1))))
+        pooled, _ = channel_moments(self, x, var=False)  # the global average pool, streamable
+        return self.fc2(self.act(self.fc1(pooled.flatten(1))))
 
 
 class LatentDenoiser(nn.Module):

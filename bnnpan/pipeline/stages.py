@@ -41,7 +41,7 @@ TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datase
               "bnnpan/models/backbone.py", "bnnpan/models/layers.py", "bnnpan/models/binarizers.py",
               "bnnpan/environment.py"]
 BNNPAN_CODE = ["bnnpan/models/bnnpan.py", "bnnpan/models/pibf.py", "bnnpan/models/prior.py",
-               "bnnpan/models/wavelet.py"]
+               "bnnpan/models/wavelet.py", "bnnpan/models/imagestats.py"]
 PRIOR_CODE = TRAIN_CODE + BNNPAN_CODE + ["bnnpan/train/prior.py"]
 CHECK_CODE = ["bnnpan/config.py", "bnnpan/sensors.py", "bnnpan/pipeline/stages.py"]
 NETWORK_EVAL_CODE = ["bnnpan/models/checkpoint.py", "bnnpan/eval/cost.py"]
