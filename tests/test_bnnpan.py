@@ -312,3 +312,63 @@ def test_bnnpan_packed_export_roundtrip(tmp_path) -> None:
     load_packed(fresh, path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(lms, pan), ref, rtol=1e-5, atol=1e-5)
+
+
+def _set_fused(model: nn.Module, fused: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, StatBinaryUnit):
+            m.fused = fused
+
+
+def test_fused_training_unit_has_autograds_values_and_gradients() -> None:
+    """StatBinaryUnit's fused training form (one autograd Function for the statistics, the bias and the sign) gives
+    the output and every gradient of the unfused ops: float64, odd sizes, groups, a non-trivial loss."""
+    torch.manual_seed(0)
+    unit = StatBinaryUnit(8, groups=2).double()
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    s = (torch.randn(3, 8, 13, 11, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
+    got = []
+    for fused in (True, False):
+        unit.fused = fused
+        unit.zero_grad()
+        s.grad = None
+        y = unit(s)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).square().sum().backward()
+        got.append((y.detach(), s.grad.clone(), [p.grad.clone() for p in unit.parameters()]))
+    (y1, gs1, gp1), (y2, gs2, gp2) = got
+    assert torch.allclose(y1, y2, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gs1, gs2, rtol=1e-10, atol=1e-12 * float(gs2.abs().max()))
+    for a, b in zip(gp1, gp2, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
+    assert float(gs2.abs().max()) > 0 and all(float(b.abs().max()) > 0 for b in gp2)
+
+
+def test_fused_training_steps_equal_the_unfused_ones() -> None:
+    """A few optimizer steps of BNNPan (float64) with the fused units land on the unfused run's weights (the
+    speed-up of issue 14 changes results by float rounding only)."""
+    from bnnpan.train.loop import optimizer_step
+
+    g = torch.Generator().manual_seed(3)
+    lms, pan = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64), torch.rand(2, 1, 32, 32, generator=g,
+                                                                                          dtype=torch.float64)
+    gt = (lms + 0.05 * torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)).clamp(0, 1)
+    cfg = TrainConfig(iterations=3, batch_size=2, lr=1e-3, warmup=0, val_every=0, ckpt_every=0)
+    finals = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        net = build_network("bnnpan", NetConfig(in_channels=3, width=8, depth=2, ratio=2,
+                                                zero_init_tail=False)).double().train()
+        _set_fused(net, fused)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for _ in range(3):
+            optimizer_step(net, net, opt, bool(net.wants_gt), lms, pan, gt, cfg)
+        finals.append({k: v.clone() for k, v in net.state_dict().items()})
+    moved = 0
+    torch.manual_seed(0)
+    start = build_network("bnnpan", NetConfig(in_channels=3, width=8, depth=2, ratio=2, zero_init_tail=False))
+    for k, v in finals[0].items():
+        assert torch.allclose(v, finals[1][k], rtol=1e-9, atol=1e-12), k
+        moved += int(not torch.allclose(v, start.state_dict()[k].double()))
+    assert moved > 10  # the steps did train something

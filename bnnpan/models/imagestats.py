@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SceneStats", "StopForward", "Window", "channel_moments", "recording", "streaming"]
+__all__ = ["SceneStats", "StopForward", "Window", "active", "channel_moments", "recording", "streaming"]
 
 
 class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -169,6 +169,12 @@ class _Context:
 
 
 _CTX: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("bnnpan_image_stats", default=None)
+
+
+def active() -> bool:
+    """Whether a :func:`recording` or :func:`streaming` context is open (the reductions must go through
+    :func:`channel_moments`)."""
+    return _CTX.get() is not None
 
 
 def channel_moments(module: nn.Module, x: Tensor, var: bool = True) -> tuple[Tensor, Tensor | None]:

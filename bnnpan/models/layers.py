@@ -50,8 +50,10 @@ class BinaryConv2d(nn.Conv2d):
             if hasattr(m, "set_progress"):
                 m.set_progress(p)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.act(x), self.binary_weight(), self.bias)
+    def forward(self, x: Tensor, binarized: bool = False) -> Tensor:
+        """``binarized=True``: ``x`` is already ``act``'s +-1 output (a caller that fused the activation into its
+        own pass, e.g. :class:`bnnpan.models.pibf.StatBinaryUnit` in training)."""
+        return self._conv_forward(x if binarized else self.act(x), self.binary_weight(), self.bias)
 
 
 class RPReLU(nn.Module):

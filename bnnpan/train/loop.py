@@ -197,6 +197,20 @@ def model_loss(net: nn.Module, wants_gt: bool, lms: torch.Tensor, pan: torch.Ten
     return loss
 
 
+def optimizer_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, wants_gt: bool, lms: torch.Tensor,
+                   pan: torch.Tensor, gt: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """One training step on a batch (loss, backward, gradient clipping, optimizer step); returns the loss.
+    ``net`` is what is called (``model`` itself or its DDP wrapper), ``model`` what is clipped. The one step of
+    :func:`train`, also timed by ``bench/train.py``."""
+    loss = model_loss(net, wants_gt, lms, pan, gt, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss
+
+
 # -------------------------------------------------------------------------------------- sampler
 
 
@@ -622,12 +636,7 @@ def _train(model: nn.Module, train_path: Path, valid_path: Path | None, cfg: Tra
             _set_progress(model, step / cfg.iterations)
             lms, pan, gt = (batch[k].to(dev, non_blocking=True) for k in ("lms", "pan", "gt"))
             lr = float(opt.param_groups[0]["lr"])
-            loss = model_loss(net, wants_gt, lms, pan, gt, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            loss = optimizer_step(net, model, opt, wants_gt, lms, pan, gt, cfg)
             sched.step()
             step += 1
             pending.append((step, lr, loss.detach()))
