@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -82,6 +83,18 @@ def build_dir() -> Path:
     return d
 
 
+def _ninja_on_path() -> None:
+    """torch's JIT build runs ``ninja`` from PATH; a venv used without activation has the ``ninja`` package's
+    binary (a dependency) outside PATH, so put its folder there (only when no ninja is found)."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # the PyPI package: the binary and its folder
+    except ImportError:
+        return
+    os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
+
+
 def extension() -> Any | None:
     """The compiled extension, building it on first use; None when disabled or when it cannot be built."""
     global _ext, _failed
@@ -94,6 +107,7 @@ def extension() -> Any | None:
             try:
                 from torch.utils.cpp_extension import load
 
+                _ninja_on_path()
                 _ext = load(name="bnnpan_binconv", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
                             extra_ldflags=["-fopenmp"], build_directory=str(build_dir()), verbose=False)
             except Exception as e:  # noqa: BLE001 - any build failure means: use the float path
