@@ -25,6 +25,7 @@ logged, and every layer keeps the float path (the results agree to rounding).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ import platform
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 _lock = threading.Lock()
 _ext: Any = None
 _failed: str | None = None
+_suspended = threading.local()  # float_only(): per thread, so one thread's cost count does not slow another
 
 
 def disabled_by_env() -> bool:
@@ -217,7 +220,18 @@ def can_run(conv: nn.Module, x: Tensor) -> bool:
     return (getattr(conv, "packed_runtime", None) is not None and not conv.training and x.device.type == "cpu"
             and x.dtype == torch.float32 and x.dim() == 4
             and (not torch.is_grad_enabled() or not (x.requires_grad or conv.weight.requires_grad))
-            and _ext is not None and not disabled_by_env())
+            and _ext is not None and not getattr(_suspended, "depth", 0) and not disabled_by_env())
+
+
+@contextlib.contextmanager
+def float_only() -> Iterator[None]:
+    """Within this block (this thread) every converted layer runs its float path: for code that must see the
+    float model's own modules and ATen ops, e.g. the hook- and dispatch-based cost count (bnnpan.eval.cost)."""
+    _suspended.depth = getattr(_suspended, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _suspended.depth -= 1
 
 
 def _e() -> Tensor:
