@@ -16,7 +16,8 @@ than ``fp`` at the same width and depth (both at 1 thread, 512^2).
 
     python bench/infer.py [--quick] [--json] [--threads 1,2] [--width 64] [--depth 4] [--rounds 5]
 
-``--quick`` (under ~3 minutes): 512^2 only, per-layer width 64 plus 32 / 128 at 128^2, RSS for fp / BBCU / BNNPan.
+``--quick`` (about 3 minutes on an idle 2-core machine): 512^2 only, every network at the first thread count, fp and
+BBCU at the others; per-layer width 64 at 512^2 plus 32 / 64 / 128 at 128^2; RSS for fp / BBCU / BNNPan.
 With ``--json`` the last line is ONE JSON object (``conv_speedup``, ``bbcu_net_speedup``, and every row).
 """
 
@@ -155,6 +156,19 @@ def weight_bytes(method: str, width: int, depth: int) -> dict:
             "packed_only_bytes": total - binary + words}
 
 
+def vm_hwm_mib() -> float:
+    """This process's peak RSS (MiB): /proc's VmHWM, which starts afresh at exec (``ru_maxrss`` keeps the forking
+    parent's peak on Linux), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_rss(method: str, runtime: str, width: int, depth: int, size: int, threads: int) -> dict:
     """Peak RSS (MiB) of one forward in a fresh process, and its RSS before the forward."""
     from common import child_env
@@ -166,10 +180,10 @@ def child_rss(method: str, runtime: str, width: int, depth: int, size: int, thre
             f"model = infer.build({method!r}, {width}, {depth})\n"
             f"lms, pan = infer.inputs({size})\n"
             f"P.to_packed_runtime(model) if {runtime!r} == 'packed' else None\n"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+            "base = infer.vm_hwm_mib()\n"
             "with torch.no_grad():\n"
             "    model(lms, pan)\n"
-            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+            "peak = infer.vm_hwm_mib()\n"
             "print(json.dumps({'base_mib': base, 'peak_mib': peak}))\n")
     out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, cwd=REPO)
     if out.returncode:
@@ -225,6 +239,10 @@ def main() -> None:
     from bnnpan.models.networks import NETWORKS
 
     threads = [int(t) for t in args.threads.split(",")]
+    t_start = time.perf_counter()
+
+    def step(what: str) -> None:  # progress on stderr: stdout is the report
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {what} done", file=sys.stderr, flush=True)
     t_build = time.perf_counter()
     ext = P.extension()
     t_build = time.perf_counter() - t_build
@@ -237,12 +255,20 @@ def main() -> None:
     if args.quick:
         layers = layer_rows([32, 64, 128], [128, 512], threads, args.rounds,
                             pairs={(32, 128), (64, 128), (128, 128), (64, 512)})
-        nets = net_rows(methods, args.width, args.depth, 512, threads, max(3, args.rounds - 2))
+        step("per-layer")
+        nets = net_rows(methods, args.width, args.depth, 512, threads[:1], 3)
+        step("networks")
+        if len(threads) > 1:  # the other thread counts: the two networks of the target only
+            nets += [r for r in net_rows(["fp", "bbcu"], args.width, args.depth, 512, threads[1:], 3)]
+            step("networks, more threads")
         rss_methods = ["fp", "bbcu", "bnnpan"]
     else:
         layers = layer_rows([32, 64, 128], [128, 512], threads, args.rounds)
+        step("per-layer")
         nets = net_rows(methods, args.width, args.depth, 512, threads, args.rounds)
+        step("networks 512")
         nets += net_rows(methods, args.width, args.depth, 2048, threads, 1)
+        step("networks 2048")
         rss_methods = methods
 
     print("\nper layer: 3x3 conv, batch 1 (ms; speedup = fp32 / packed)")
@@ -251,14 +277,16 @@ def main() -> None:
         print(f"{r['width']:>6}{r['size']:>6}{r['threads']:>4}{r['fp32_ms']:>10.1f}{r['float_sim_ms']:>11.1f}"
               f"{r['packed_ms']:>9.1f}{r['speedup_vs_fp32']:>8.2f}{r['speedup_vs_float_sim']:>7.2f}")
     print(f"\nwhole networks: width {args.width}, depth {args.depth}, {BANDS} bands (ms; x fp = fp ms / ms)")
-    print(f"{'method':<10}{'runtime':<8}{'size':>6}{'thr':>4}{'ms':>10}{'x fp':>7}")
+    print(f"{'method':<10}{'runtime':<8}{'size':>6}{'thr':>4}{'ms':>10}{'x fp':>7}", flush=True)
     for r in sorted(nets, key=lambda r: (r["size"], r["threads"], methods.index(r["method"]), r["runtime"])):
         print(f"{r['method']:<10}{r['runtime']:<8}{r['size']:>6}{r['threads']:>4}{r['ms']:>10.1f}"
               f"{r['speedup_vs_fp']:>7.2f}")
     rss = []
+    step("tables")
     for m in rss_methods:
         for rt in (("float",) if m == "fp" else ("float", "packed")):
             rss.append(child_rss(m, rt, args.width, args.depth, 512, threads[0]))
+    step("RSS")
     weights = [weight_bytes(m, args.width, args.depth) for m in rss_methods]
     print("\nmemory at 512^2 (one forward in a fresh process; MiB)")
     print(f"{'method':<10}{'runtime':<8}{'before':>8}{'peak':>8}")
@@ -291,7 +319,7 @@ def main() -> None:
             "bbcu_net_speedup_by_threads": {str(n): round(by[("bbcu", "packed", 512, n)]["speedup_vs_fp"], 3)
                                             for n in threads},
             "layers": layers, "networks": nets, "rss": rss, "weights": weights,
-            "peak_rss_mib_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib_this_process": vm_hwm_mib(),
         }))
 
 
