@@ -245,3 +245,20 @@ def test_weight_packing_layout() -> None:
 def test_variants_are_covered() -> None:
     assert set(VARIANTS) <= set(BINARY_NETWORKS) and set(WEIGHT_BINARIZERS) == {
         "sign", "mean_abs", "irnet_libra", "btm_standardize"}
+
+
+def test_runtime_option_and_apply_runtime() -> None:
+    """``--runtime`` accepts packed | float only; apply_runtime converts and reverts."""
+    from typer.testing import CliRunner
+
+    from bnnpan.cli import app
+
+    r = CliRunner().invoke(app, ["evaluate", "--runtime", "fast"])
+    assert r.exit_code == 2 and "use packed or float" in r.output
+    model = build_network("bbcu", NetConfig(in_channels=4, width=32, depth=2))
+    assert P.apply_runtime(model, "packed")["packed"] == 2
+    assert all(m.packed_runtime is not None for m in model.modules() if isinstance(m, BinaryConv2d))
+    P.apply_runtime(model, "float")
+    assert all(m.packed_runtime is None for m in model.modules() if isinstance(m, BinaryConv2d))
+    with pytest.raises(ValueError, match="runtime"):
+        P.apply_runtime(model, "fast")

@@ -49,7 +49,7 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 class NetworkFuser:
     """``fuse(lms, pan, ms)`` in DN with a trained network (inputs divided by the scale)."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", runtime: str = "packed") -> None:
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", runtime: str = "float") -> None:
         from bnnpan.models.packed_runtime import apply_runtime
 
         self.model, ckpt = load_network(path, device)
