@@ -20,15 +20,15 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define BNNPAN_AVX512 1
 #else
@@ -98,7 +98,8 @@ void pack_rows(const float* x, const float* mul, const float* add, const Geometr
 }
 
 #if BNNPAN_AVX512
-// Mismatch counts of one output pixel for NV*8 output channels of one group, 8 int64 lanes per register.
+// Mismatch counts of one output pixel for NV*8 output channels of one group, 8 int64 lanes per register,
+// stored pixel-major (out[o_local], contiguous; the row is transposed afterwards, see transpose8x8).
 template <int NV>
 inline void pixel_avx512(const uint64_t* const* rows, int64_t xo, const Geometry& g, int64_t S, int64_t goff,
                          const uint64_t* w, int32_t* out) {
@@ -122,28 +123,61 @@ inline void pixel_avx512(const uint64_t* const* rows, int64_t xo, const Geometry
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * j), _mm512_cvtepi64_epi32(acc[j]));
 }
 
+// dst[c * ld + r] = src[r * ls + c] for an 8 x 8 block of 32-bit values (unpack / shuffle / lane permute).
+// Why: the popcounts come out pixel-major, the epilogue wants channel rows; a scatter per pixel is slower.
+inline void transpose8x8(const int32_t* src, int64_t ls, int32_t* dst, int64_t ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * ls)));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * ld), _mm256_castps_si256(t[i]));
+}
+
 template <int NV>
 void row_block(const uint64_t* const* rows, const Geometry& g, int64_t S, int64_t goff, const uint64_t* w,
-               int32_t* pc, int64_t ldpc) {
-  for (int64_t xo = 0; xo < g.Wo; ++xo) pixel_avx512<NV>(rows, xo, g, S, goff, w, pc + xo * ldpc);
+               int32_t* pc) {
+  // 8 pixels into a pixel-major staging block, then transposed into the channel rows of pc
+  alignas(64) int32_t stage[8 * 8 * NV];
+  int64_t xo = 0;
+  for (; xo + 8 <= g.Wo; xo += 8) {
+    for (int p = 0; p < 8; ++p) pixel_avx512<NV>(rows, xo + p, g, S, goff, w, stage + p * 8 * NV);
+    for (int j = 0; j < NV; ++j) transpose8x8(stage + 8 * j, 8 * NV, pc + 8 * j * g.Wo + xo, g.Wo);
+  }
+  for (; xo < g.Wo; ++xo) {
+    pixel_avx512<NV>(rows, xo, g, S, goff, w, stage);
+    for (int o = 0; o < 8 * NV; ++o) pc[o * g.Wo + xo] = stage[o];
+  }
 }
 #endif
 
-// pc[xo][o_local] for one group and one block of output channels [o0, o0 + n) (n <= 64, multiple of 8 on AVX-512).
+// pc[o_local][xo] (row length Wo) for one group and one block of output channels [o0, o0 + n) (n <= 64,
+// a multiple of 8).
 void row_popcounts(const uint64_t* const* rows, const Geometry& g, int64_t grp, int64_t o0, int64_t n,
-                   const uint64_t* wpk, int32_t* pc, int64_t ldpc) {
+                   const uint64_t* wpk, int32_t* pc) {
   const int64_t S = g.G * g.CWg, goff = grp * g.CWg;
   const uint64_t* w = wpk + grp * g.kh * g.kw * g.CWg * g.OgP + o0;  // [tap][cw][OgP] of this group
 #if BNNPAN_AVX512
   switch (n / 8) {
-    case 1: row_block<1>(rows, g, S, goff, w, pc, ldpc); return;
-    case 2: row_block<2>(rows, g, S, goff, w, pc, ldpc); return;
-    case 3: row_block<3>(rows, g, S, goff, w, pc, ldpc); return;
-    case 4: row_block<4>(rows, g, S, goff, w, pc, ldpc); return;
-    case 5: row_block<5>(rows, g, S, goff, w, pc, ldpc); return;
-    case 6: row_block<6>(rows, g, S, goff, w, pc, ldpc); return;
-    case 7: row_block<7>(rows, g, S, goff, w, pc, ldpc); return;
-    default: row_block<8>(rows, g, S, goff, w, pc, ldpc); return;
+    case 1: row_block<1>(rows, g, S, goff, w, pc); return;
+    case 2: row_block<2>(rows, g, S, goff, w, pc); return;
+    case 3: row_block<3>(rows, g, S, goff, w, pc); return;
+    case 4: row_block<4>(rows, g, S, goff, w, pc); return;
+    case 5: row_block<5>(rows, g, S, goff, w, pc); return;
+    case 6: row_block<6>(rows, g, S, goff, w, pc); return;
+    case 7: row_block<7>(rows, g, S, goff, w, pc); return;
+    default: row_block<8>(rows, g, S, goff, w, pc); return;
   }
 #else
   int32_t acc[64];
@@ -160,7 +194,7 @@ void row_popcounts(const uint64_t* const* rows, const Geometry& g, int64_t grp, 
         }
       }
     }
-    std::memcpy(pc + xo * ldpc, acc, n * sizeof(int32_t));
+    for (int64_t o = 0; o < n; ++o) pc[o * g.Wo + xo] = acc[o];
   }
 #endif
 }
@@ -232,24 +266,23 @@ torch::Tensor binconv(torch::Tensor x, torch::Tensor mul, torch::Tensor add, tor
               *ze = opt_ptr(zeta), *res = opt_ptr(residual);
   const float pdiv = static_cast<float>(post_div);
   const int64_t taps = kh * kw, Kfull = g.Cg * taps;
-  const int64_t OP = g.G * g.OgP;  // row stride of the popcount buffer
+  const int64_t OP = g.G * g.OgP;  // channels of the popcount buffer (each a row of Wo counts)
 
   at::parallel_for(0, g.B * g.Ho, 4, [&](int64_t r0, int64_t r1) {
-    std::vector<int32_t> pc(g.Wo * OP);
-    std::vector<int32_t> dot(g.Wo);
+    std::vector<int32_t> pc(OP * g.Wo);
     std::vector<const uint64_t*> rows(kh);
-    std::vector<int32_t> fix(g.Wo);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / g.Ho, yo = r % g.Ho;
       for (int64_t i = 0; i < kh; ++i) rows[i] = pk + ((b * g.Hp + yo + i) * g.Wp) * S;
       for (int64_t grp = 0; grp < g.G; ++grp)
         for (int64_t o0 = 0; o0 < g.OgP; o0 += 64)
-          row_popcounts(rows.data(), g, grp, o0, std::min<int64_t>(64, g.OgP - o0), wp, pc.data() + grp * g.OgP + o0,
-                        OP);
+          row_popcounts(rows.data(), g, grp, o0, std::min<int64_t>(64, g.OgP - o0), wp,
+                        pc.data() + (grp * g.OgP + o0) * g.Wo);
       const bool row_border = yo < pad || yo + kh - 1 - pad >= g.H;
       for (int64_t o = 0; o < g.O; ++o) {
-        const int64_t col = (o / g.Og) * g.OgP + o % g.Og;
-        for (int64_t xo = 0; xo < g.Wo; ++xo) dot[xo] = static_cast<int32_t>(Kfull) - 2 * pc[xo * OP + col];
+        // dot = Kfull - 2 pc, kept in place in this channel's row of pc
+        int32_t* dot = pc.data() + ((o / g.Og) * g.OgP + o % g.Og) * g.Wo;
+        for (int64_t xo = 0; xo < g.Wo; ++xo) dot[xo] = static_cast<int32_t>(Kfull) - 2 * dot[xo];
         // zero padding: remove the phantom products of the taps that fall outside the input (file comment)
         const int32_t* wco = wc + o * taps;
         for (int64_t xo = 0; xo < g.Wo; ++xo) {
@@ -272,20 +305,23 @@ torch::Tensor binconv(torch::Tensor x, torch::Tensor mul, torch::Tensor add, tor
         }
         float* dst = op + ((b * g.O + o) * g.Ho + yo) * g.Wo;
         const float* rs = res ? res + ((b * g.O + o) * g.Ho + yo) * g.Wo : nullptr;
+        // Absent epilogue terms are neutral (x * 1, x + 0, prelu slope 1, / 1): exact, so one branch-free loop
+        // (vectorised) serves every combination; only the residual read is a separate loop.
         const float a = al ? al[o] : 1.0f, bb = bi ? bi[o] : 0.0f;
-        const float gm = ga ? ga[o] : 0.0f, s = sl ? sl[o] : 0.0f, z = ze ? ze[o] : 0.0f;
-        for (int64_t xo = 0; xo < g.Wo; ++xo) {
-          float v = static_cast<float>(dot[xo]);
-          if (al) v = v * a;
-          if (bi) v = v + bb;
-          if (rprelu) {
-            float t = v - gm;
+        const float gm = rprelu ? ga[o] : 0.0f, s = rprelu ? sl[o] : 1.0f, z = rprelu ? ze[o] : 0.0f;
+        const float pd = pdiv > 0.0f ? pdiv : 1.0f;
+        if (rs) {
+          for (int64_t xo = 0; xo < g.Wo; ++xo) {
+            float t = static_cast<float>(dot[xo]) * a + bb - gm;
             t = t > 0.0f ? t : t * s;
-            v = t + z;
+            dst[xo] = rs[xo] + (t + z) / pd;
           }
-          if (pdiv > 0.0f) v = v / pdiv;
-          if (rs) v = rs[xo] + v;
-          dst[xo] = v;
+        } else {
+          for (int64_t xo = 0; xo < g.Wo; ++xo) {
+            float t = static_cast<float>(dot[xo]) * a + bb - gm;
+            t = t > 0.0f ? t : t * s;
+            dst[xo] = (t + z) / pd;
+          }
         }
       }
     }
