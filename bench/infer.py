@@ -17,7 +17,8 @@ than ``fp`` at the same width and depth (both at 1 thread, 512^2).
     python bench/infer.py [--quick] [--json] [--threads 1,2] [--width 64] [--depth 4] [--rounds 5]
 
 ``--quick`` (about 3 minutes on an idle 2-core machine; 7 on one loaded 2.5x): 512^2 only, every network at the
-first thread count, fp and BBCU at the others; per-layer width 64 at 512^2 plus 32 / 64 / 128 at 128^2; RSS for fp / BBCU / BNNPan.
+first thread count, fp and BBCU at the others; per-layer width 64 at 512^2 plus 32 / 64 / 128 at 128^2; RSS for
+fp / BBCU / BNNPan.
 With ``--json`` the last line is ONE JSON object (``conv_speedup``, ``bbcu_net_speedup``, and every row).
 """
 
