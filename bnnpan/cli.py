@@ -114,6 +114,21 @@ def _progress() -> Progress:
 SeedOpt = typer.Option(None, "--seed", "-s", help="training seed(s) from train.seeds; default: all of them")
 
 
+def _runtime(value: str) -> str:
+    if value not in ("packed", "float"):
+        raise typer.BadParameter(f"{value!r}: use packed or float")
+    return value
+
+
+_RUNTIME_HELP = ("binary networks: packed (1-bit XNOR-popcount kernels where they build, else the float simulation) or "
+                 "float (the float simulation). They agree to float rounding, but a pre-activation within rounding of "
+                 "its threshold can flip a sign")
+#: fuse: packed by default (speed). evaluate: float by default, so the DVC metrics stay bit-identical to the float
+#: simulation they were computed with (the packed sums are exact integers, the float ones rounded: rare sign flips).
+RuntimeOpt = typer.Option("packed", "--runtime", callback=_runtime, help=_RUNTIME_HELP)
+EvalRuntimeOpt = typer.Option("float", "--runtime", callback=_runtime, help=_RUNTIME_HELP)
+
+
 def _seeds(p: Any, asked: list[int] | None, params: Path) -> list[int]:
     """The training seeds a command runs: those asked for (each must be in ``train.seeds``), else all."""
     if not asked:
@@ -273,6 +288,7 @@ def evaluate(
     params: Path = ParamsOpt,
     no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow"),
     seed: list[int] = SeedOpt,
+    runtime: str = EvalRuntimeOpt,
 ) -> None:
     """Score methods on a dataset's test tiles at reduced and full resolution.
 
@@ -310,7 +326,8 @@ def evaluate(
     for d, m, s in runs:
         run = run_name(m, s)
         metrics = _with_progress("evaluate", f"{d}/{run}",
-                                 lambda cb, d=d, m=m, s=s: evaluate_method(p, d, m, progress=cb, seed=s))
+                                 lambda cb, d=d, m=m, s=s: evaluate_method(p, d, m, progress=cb, seed=s,
+                                                                          runtime=runtime))
         stats = index_stats(metrics)
         shown = ", ".join(f"{k}={v['mean']:.4g}" for k, v in stats.items() if v["mean"] is not None)
         console.print(f"  {d}/{run}: {shown}", highlight=False)
@@ -432,6 +449,7 @@ def fuse(
     params: Path = ParamsOpt,
     no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow (a --scene of params is logged "
                                   "as the run fuse_<scene>_<method>; --pan/--ms files are not)"),
+    runtime: str = RuntimeOpt,
 ) -> None:
     """Fuse a whole scene with any method and write a Cloud-Optimized GeoTIFF on the PAN grid.
 
@@ -453,7 +471,7 @@ def fuse(
             p, out=out, scene=scene, pan=pan, ms=ms, sensor=sensor,
             bands=[b.strip() for b in bands.split(",")] if bands else None, ms_upsampled=ms_upsampled,
             nodata=nodata, method=method, dataset=dataset, seed=seed, model=model, window=_window(window),
-            tile=tile, dtype=dtype, device=device, progress=cb))
+            tile=tile, dtype=dtype, device=device, progress=cb, runtime=runtime))
 
     if no_track or p is None or scene is None or method is None:
         result = work()

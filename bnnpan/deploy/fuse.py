@@ -1019,11 +1019,12 @@ def run_fuse(params: Any, *, out: Path, scene: str | None = None, pan: Path | No
              nodata: float | None = 0.0, method: str | None = None, dataset: str | None = None, seed: int = 0,
              model: Path | None = None, window: Sequence[int] | None = None, tile: int = DEFAULT_TILE,
              dtype: str = "source", device: str | None = None,
-             progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[str, int, int], None] | None = None, runtime: str = "packed") -> dict[str, Any]:
     """What ``bnnpan fuse`` does: resolve the scene (a params scene, fetched into ``paths.raw/<scene>`` unless
     already there; or two files fetched into a temporary folder beside ``out``) and the method (registered,
     ``--dataset`` network, or ``--model`` file), then :func:`fuse_scene`. ``params`` may be None for files
-    with a registered method or a model file."""
+    with a registered method or a model file. ``runtime``: a network's binary convs on the packed 1-bit kernels
+    (``packed``, where available; :mod:`bnnpan.models.packed_runtime`) or the float simulation (``float``)."""
     from bnnpan.config import ConfigError
 
     if (scene is None) == (pan is None and ms is None):
@@ -1055,6 +1056,11 @@ def run_fuse(params: Any, *, out: Path, scene: str | None = None, pan: Path | No
             ds = params.models_dataset(dataset) if dataset in params.datasets else dataset
             net, meta = load_model((ds, method), dev, models=params.paths.models, prepared=params.paths.prepared,
                                    seed=seed)
+        from bnnpan.models.packed_runtime import apply_runtime
+
+        rt = apply_runtime(net, runtime)
+        log.info("%s: %s runtime (%s binary layer(s) packed%s)", meta.get("method"), runtime, rt["packed"],
+                 f"; {rt['reason']}" if rt["reason"] else "")
         spec: dict[str, Any] = {"model": (net, meta), "device": dev}
     else:
         if method is None:

@@ -318,6 +318,14 @@ def count_cost(model: nn.Module, in_channels: int, height: int, width: int, devi
     not touched) and its training flag is restored afterwards. Forward signature: ``model(lms, pan)``, or
     ``model(lms, pan, gt)`` for a model with ``needs_reference`` (the oracle prior).
     """
+    from bnnpan.models.packed_runtime import float_only
+
+    with float_only():  # a packed-runtime model counts as the float model it equals (hooks see every module)
+        return _count_cost(model, in_channels, height, width, device)
+
+
+def _count_cost(model: nn.Module, in_channels: int, height: int, width: int, device: str | torch.device
+                ) -> CostReport:
     owned = _owned_params(model)
     roles = _roles(model)
     named = list(model.named_modules())

@@ -142,8 +142,15 @@ def _json_float(x: Any) -> Any:
 
 
 def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Path | None = None,
-                    progress: Callable[[str, int, int], None] | None = None, seed: int = 0) -> dict[str, Any]:
+                    progress: Callable[[str, int, int], None] | None = None, seed: int = 0,
+                    runtime: str = "float") -> dict[str, Any]:
     """Evaluate ``method`` on ``dataset``; return the metrics dictionary written to metrics.json.
+
+    ``runtime`` (networks): ``packed`` runs binary convs on the packed 1-bit kernels where available
+    (:mod:`bnnpan.models.packed_runtime`), ``float`` (the default) on the float simulation the DVC metrics were
+    computed with. The two agree to float rounding, except that the packed runtime's exact integer sums differ from
+    the float conv's rounded ones by an ulp, which now and then flips a sign whose pre-activation is within
+    rounding of its threshold (as another thread count does). It shows in timing.json, not in metrics.json.
 
     A trained network is the run of training seed ``seed`` (``models/<dataset>/<run_name>.pt``, scored into
     ``reports/<dataset>/<run_name>/``; :func:`bnnpan.config.run_name`); a classical method has seed 0 only.
@@ -172,7 +179,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
 
         # a test-only dataset scores the networks of its models_from dataset (cross-scene)
         fuser = NetworkFuser(Path(params.paths.models) / params.models_dataset(dataset) / f"{run}.pt",
-                             device=params.device)
+                             device=params.device, runtime=runtime)
     else:
         fuser = build_method(method, ctx)
     needs_ref = bool(getattr(fuser, "needs_reference", False))  # oracle prior: reduced resolution only
@@ -260,6 +267,7 @@ def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Pa
     timing = {
         "note": "wall-clock fusion time per tile on this machine (volatile: not in git or DVC; logged to MLflow)",
         "device": params.device,
+        **({"runtime": fuser.runtime} if network else {}),
         "latency_ms": {g: float(np.median(v)) if v else None for g, v in latency.items()},
         "tiles_ms": latency,
     }

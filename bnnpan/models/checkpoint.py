@@ -49,8 +49,12 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 class NetworkFuser:
     """``fuse(lms, pan, ms)`` in DN with a trained network (inputs divided by the scale)."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", runtime: str = "float") -> None:
+        from bnnpan.models.packed_runtime import apply_runtime
+
         self.model, ckpt = load_network(path, device)
+        #: binary layers on the packed 1-bit kernels (CPU, eval) or the float simulation; what was converted
+        self.runtime = {"runtime": runtime, **apply_runtime(self.model, runtime)}
         self.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()  # the file scored (metrics.json)
         device = next(self.model.parameters()).device
         self.name = str(ckpt["net"].get("method", ckpt["net"]["name"]))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnnpan.models import packed_runtime as packed
 from bnnpan.models.binarizers import WeightBinarizer, make_binarizer
 
 
@@ -35,6 +36,8 @@ class BinaryConv2d(nn.Conv2d):
         if not isinstance(wb, WeightBinarizer):
             raise TypeError(f"BinaryConv2d: {type(wb).__name__} is not a weight binarizer")
         self.weight_binarizer = wb
+        #: a :class:`bnnpan.models.packed_runtime.PackedConv` once converted (plain attribute, not state)
+        self.packed_runtime = None
 
     def binary_weight(self) -> Tensor:
         """The weight used at forward time (``scale * sign(.)`` or ``sign(.)``), with its pseudo-gradient."""
@@ -53,7 +56,11 @@ class BinaryConv2d(nn.Conv2d):
     def forward(self, x: Tensor, binarized: bool = False) -> Tensor:
         """``binarized=True``: ``x`` is already ``act``'s +-1 output (a caller that fused the activation into its
         own pass, e.g. :class:`bnnpan.models.pibf.StatBinaryUnit` in training)."""
-        return self._conv_forward(x if binarized else self.act(x), self.binary_weight(), self.bias)
+        if binarized:
+            return self._conv_forward(x, self.binary_weight(), self.bias)
+        if packed.can_run(self, x):  # eval-mode packed kernel: the same +-1 products, exact integer sums
+            return packed.run_packed(self, x)
+        return self._conv_forward(self.act(x), self.binary_weight(), self.bias)
 
 
 class RPReLU(nn.Module):
@@ -203,6 +210,8 @@ class BBCUBlock(nn.Module):
         self.act = RPReLU(channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        if packed.can_run(self.conv, x):  # one kernel pass: sign(k x + b), XNOR-popcount, alpha, RPReLU, /k, + x
+            return packed.run_packed(self.conv, x, pre_mul=self.k, rprelu=self.act, post_div=self.k, residual=x)
         return x + self.act(self.conv(x * self.k)) / self.k
 
     def extra_repr(self) -> str:
@@ -220,4 +229,6 @@ class BiSRBlock(nn.Module):
         self.act = RPReLU(channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        if packed.can_run(self.conv, x):  # one kernel pass: sign(k x + b), XNOR-popcount, alpha, RPReLU, + x
+            return packed.run_packed(self.conv, x, rprelu=self.act, residual=x)
         return x + self.act(self.conv(x))
