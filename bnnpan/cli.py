@@ -123,10 +123,11 @@ def _runtime(value: str) -> str:
 _RUNTIME_HELP = ("binary networks: packed (1-bit XNOR-popcount kernels where they build, else the float simulation) or "
                  "float (the float simulation). They agree to float rounding, but a pre-activation within rounding of "
                  "its threshold can flip a sign")
-#: fuse: packed by default (speed). evaluate: float by default, so the DVC metrics stay bit-identical to the float
-#: simulation they were computed with (the packed sums are exact integers, the float ones rounded: rare sign flips).
+#: packed by default for fuse and evaluate (issue 14): what a deployed 1-bit network computes. Its sums are exact
+#: integers, the float simulation's rounded, so a pre-activation within an ulp of its threshold can take the other
+#: sign, as with another thread count; the runtime used is in timing.json.
 RuntimeOpt = typer.Option("packed", "--runtime", callback=_runtime, help=_RUNTIME_HELP)
-EvalRuntimeOpt = typer.Option("float", "--runtime", callback=_runtime, help=_RUNTIME_HELP)
+EvalRuntimeOpt = RuntimeOpt
 
 
 def _seeds(p: Any, asked: list[int] | None, params: Path) -> list[int]:

@@ -143,14 +143,15 @@ def _json_float(x: Any) -> Any:
 
 def evaluate_method(params: Params, dataset: str, method: str, out_dir: str | Path | None = None,
                     progress: Callable[[str, int, int], None] | None = None, seed: int = 0,
-                    runtime: str = "float") -> dict[str, Any]:
+                    runtime: str = "packed") -> dict[str, Any]:
     """Evaluate ``method`` on ``dataset``; return the metrics dictionary written to metrics.json.
 
-    ``runtime`` (networks): ``packed`` runs binary convs on the packed 1-bit kernels where available
-    (:mod:`bnnpan.models.packed_runtime`), ``float`` (the default) on the float simulation the DVC metrics were
-    computed with. The two agree to float rounding, except that the packed runtime's exact integer sums differ from
-    the float conv's rounded ones by an ulp, which now and then flips a sign whose pre-activation is within
-    rounding of its threshold (as another thread count does). It shows in timing.json, not in metrics.json.
+    ``runtime`` (networks): ``packed`` (the default) runs binary convs on the packed 1-bit kernels where they
+    build (:mod:`bnnpan.models.packed_runtime`; else the float simulation, said once), ``float`` on the float
+    simulation (``F.conv2d`` on +-1 tensors). The two agree to float rounding, except that the packed
+    runtime's exact integer sums differ from the float conv's rounded ones by an ulp, which now and then flips a
+    sign whose pre-activation is within rounding of its threshold (as another thread count does). It shows in
+    timing.json, not in metrics.json.
 
     A trained network is the run of training seed ``seed`` (``models/<dataset>/<run_name>.pt``, scored into
     ``reports/<dataset>/<run_name>/``; :func:`bnnpan.config.run_name`); a classical method has seed 0 only.
