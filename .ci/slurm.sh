@@ -69,6 +69,10 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 # finished jobs stay in squeue's view for 10 minutes (the executor's status checks come every few seconds)
 MinJobAge=600
+# configless: slurmd fetches this config from slurmctld and caches it under /run/slurm/conf, where client commands
+# look when \$SLURM_CONF is unset. Jobs need that: the Snakemake SLURM plugin starts each rule with a nested srun
+# from an environment stripped of SLURM_* variables (SLURM_CONF included).
+SlurmctldParameters=enable_configless
 ReturnToService=2
 SlurmdTimeout=60
 $node NodeAddr=127.0.0.1 State=UNKNOWN
@@ -89,7 +93,7 @@ up() {
         touch "$DIR/munged.ours"  # `down` stops munged only when this script started it
     fi
     alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
-    alive "$DIR/slurmd.pid" || slurmd -f "$CONF"
+    alive "$DIR/slurmd.pid" || slurmd --conf-server 127.0.0.1
     local i state=""
     for i in $(seq 60); do
         state=$(sinfo -h -N -o %T 2>/dev/null | head -n 1 || true)
@@ -107,6 +111,8 @@ up() {
 down() {
     stop "$DIR/slurmd.pid"
     stop "$DIR/slurmctld.pid"
+    # slurmd's configless cache link (clients read it when $SLURM_CONF is unset): gone with our cluster
+    [[ $(readlink /run/slurm/conf 2>/dev/null) == "$DIR"/* ]] && rm -f /run/slurm/conf
     if [[ -e $DIR/munged.ours ]]; then
         stop /run/munge/munged.pid
         rm -f "$DIR/munged.ours"

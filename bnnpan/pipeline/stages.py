@@ -88,15 +88,18 @@ DEFAULT_CLUSTER_CPUS = 4
 def cluster_resources(params: Params, stage: Stage) -> dict[str, Any]:
     """The cluster resources of ``stage``, from its kind, so a new dataset, method or seed needs no profile edit.
 
-    ``cpus_per_task`` is the stage's ``threads`` (what it keeps busy). A GPU (``gpu: 1``) goes to every stage that
-    runs torch on ``device`` (those whose params include ``device``: pretrain, train, and the evaluate/fuse of a
-    network) when that device is CUDA: such a job started without one would fail at its first tensor.
+    ``cpus_per_task`` is the stage's ``threads`` (what it keeps busy). A GPU goes to every stage that runs torch on
+    ``device`` (those whose params include ``device``: pretrain, train, and the evaluate/fuse of a network) when that
+    device is CUDA: such a job started without one would fail at its first tensor. A DDP training
+    (``train.methods.<m>.ranks``) gets its CPUs, memory and GPUs once per rank.
     """
-    mem_mb, runtime = KIND_RESOURCES[stage.cmd[1]]
-    res: dict[str, Any] = {"mem_mb": mem_mb, "runtime": runtime,
-                           "cpus_per_task": stage.threads or DEFAULT_CLUSTER_CPUS}
+    kind = stage.cmd[1]
+    mem_mb, runtime = KIND_RESOURCES[kind]
+    ranks = params.train.ranks(stage.cmd[stage.cmd.index("--method") + 1]) if kind == "train" else 1
+    res: dict[str, Any] = {"mem_mb": mem_mb * ranks, "runtime": runtime,
+                           "cpus_per_task": stage.threads or DEFAULT_CLUSTER_CPUS * ranks}
     if "device" in stage.params and params.device.startswith("cuda"):
-        res["gpu"] = 1
+        res["gpu"] = ranks
     return res
 
 
@@ -206,7 +209,8 @@ def _build(params: Params) -> list[Stage]:
                         *(("prior",) if method in prior_methods else ())),
                 outs=(ckpt,),
                 plots=(f"{p.models}/{ds}/{run}_curve.csv",),
-                threads=params.threads,
+                # a DDP training (train.methods.<m>.ranks) runs `threads` in each of its processes
+                threads=params.threads * params.train.ranks(method) if params.threads else None,
                 priority=2 if method in prior_methods else 1,
                 desc=f"train {method} on {ds}, seed {seed} (the one training loop; resumes from {ckpt[:-3]}.ckpt)",
             ))
