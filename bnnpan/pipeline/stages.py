@@ -55,6 +55,9 @@ class Stage:
     # other trainings instead of after them. Then the other trainings (1), so the short evaluate jobs fill the
     # cores at the end instead of holding back a training that would end last.
     priority: int = 0
+    # Runs on the submitting host, not as a cluster job (Snakemake's ``localrule``): the params check takes a second,
+    # a cluster job for it a queue wait and a job start on the DAG's critical path.
+    local: bool = False
     desc: str = ""
 
     @property
@@ -133,6 +136,7 @@ def _build(params: Params) -> list[Stage]:
         outs=(stamp,),
         persist=(stamp,),
         order_only=("params.yaml",),  # and its code (build_stages)
+        local=True,
         desc="validate params.yaml (and that dvc.yaml matches it) before any stage removes its outputs",
     )]
     for name, scene in params.scenes.items():
