@@ -9,7 +9,8 @@
 #
 # Idempotent: `up` on a running cluster and `down` on a stopped one do nothing. Everything lives in one scratch
 # folder ($BNNPAN_SLURM_DIR, default /tmp/bnnpan-slurm): config, state, logs, pid files. Nothing in /etc/slurm is
-# written, so a site's own SLURM config is never touched: clients find ours through $SLURM_CONF.
+# written: clients find the config through $SLURM_CONF or, configless, through slurmd's /run/slurm/conf (removed
+# again by `down`).
 # No accounting daemon (slurmdbd): `sacct` does not work here, which is why profiles/slurm polls with `squeue`,
 # and why MinJobAge is long (finished jobs must stay visible to squeue between two status checks).
 set -euo pipefail
