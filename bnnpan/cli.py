@@ -74,6 +74,9 @@ def _main() -> None:
     _setup_logging()
 
 
+# Set by torchrun in each process it starts: `bnnpan train` of a method with `ranks > 1` starts torchrun unless
+# it already runs under it.
+DDP_WORLD_ENV = "WORLD_SIZE"
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (validated; unknown keys are errors)")
 
 
@@ -247,7 +250,18 @@ def train(
         raise ConfigError(f"{params}: nothing to train for method(s) {method or 'all'} on dataset(s) "
                           f"{dataset or 'all'}; train.methods = {sorted(p.train.methods)}")
     for d, m, s in ((d, m, s) for d, m in pairs for s in _seeds(p, seed, params)):
+        ranks = p.train.ranks(m)
+        if ranks > 1 and DDP_WORLD_ENV not in os.environ:
+            # DDP: the same command again under torchrun, one process per rank on this node (inside a SLURM job:
+            # the job's CPUs/GPUs, which the stage asks for per rank: bnnpan.pipeline.stages.cluster_resources)
+            _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                  "-m", "bnnpan.cli", "train", "--dataset", d, "--method", m, "--seed", str(s), "--params",
+                  str(params), *(["--no-track"] if no_track else []), *([] if resume else ["--no-resume"])],
+                 dict(os.environ))
+            continue
         result = train_method(p, d, m, seed=s, track=not no_track, resume=resume, progress=console.is_terminal)
+        if int(os.environ.get("RANK", "0")) != 0:
+            continue  # under torchrun, rank 0 reports
         console.print(f"  {d}/{run_name(m, s)}: step {result['step']}, "
                       f"val PSNR {result.get('val_psnr', float('nan')):.2f} dB, "
                       f"{result.get('patches_per_s', float('nan')):.1f} patches/s", highlight=False)
@@ -568,7 +582,7 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 
 
 def profile_limits(profile: str | Path) -> dict[str, int]:
-    """The resource limits (``resources: [train=1, ...]``) of a Snakemake profile's ``config.yaml``.
+    """The resource limits (``resources: [gpu=2, ...]``) of a Snakemake profile's ``config.yaml``.
 
     ``bnnpan run --params <file>`` runs without Snakemake but honours the same limits, so a profile's
     trainings share the cores as ``make run``'s do.

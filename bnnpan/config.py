@@ -383,6 +383,11 @@ class MethodTrain(Strict):
     weight_decay: float | None = Field(None, ge=0)
     loss: Literal["l1", "l1_ssim"] | None = None
     grad_clip: float | None = Field(None, gt=0)
+    ranks: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        None, description="DistributedDataParallel processes of this method's train stage (default 1): `bnnpan "
+        "train` starts them with torchrun on the stage's node (gloo on CPU, NCCL on CUDA, one GPU per rank); "
+        "batch_size is the global batch and must divide by it; results differ from one process's in float "
+        "summation order only")
     network: str | None = Field(None, description="registered network that builds this method (default: its "
                                 "name); lets params define variants, e.g. bnnpan_t8: {network: bnnpan, extra: "
                                 "{diffusion_steps: 8}}")
@@ -413,10 +418,18 @@ class TrainSection(Strict):
             if r["warmup"] >= r["iterations"]:
                 where = f"train.methods.{m}" if m else "train.defaults"
                 raise ValueError(f"{where}: warmup ({r['warmup']}) must be smaller than iterations ({r['iterations']})")
+            if r.get("ranks") and r["batch_size"] % r["ranks"]:
+                raise ValueError(f"train.methods.{m}: batch_size {r['batch_size']} (the global batch) is not divisible "
+                                 f"by ranks {r['ranks']}")
         return self
 
+    def ranks(self, method: str) -> int:
+        """DDP processes of ``method``'s training (``train.methods.<m>.ranks``, default 1)."""
+        over = self.methods.get(method)
+        return (over.ranks if over is not None and over.ranks else 1)
+
     def resolved(self, method: str) -> dict[str, Any]:
-        """The defaults with the method's overrides applied (what the loop gets)."""
+        """The defaults with the method's overrides applied (what the loop gets; ``ranks`` only where set)."""
         over = self.methods.get(method) or MethodTrain()
         merged = self.defaults.model_dump()
         merged.update({k: v for k, v in over.model_dump(exclude={"extra"}).items() if v is not None})

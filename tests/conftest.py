@@ -73,8 +73,8 @@ def one_thread():
 #: The longest test files, started first. Under ``pytest -n 2 --dist loadfile`` (``make test``) a file runs on one
 #: worker, and files are handed out in collection order: the end-to-end DAG (~5 min, its stages two at a time) must
 #: not be the last file a worker picks up, or the other worker idles while it finishes.
-LONGEST_FIRST = ("test_integration.py", "test_profile_pancollection.py", "test_train_loop.py", "test_tracking.py",
-                 "test_evaluate.py")
+LONGEST_FIRST = ("test_integration.py", "test_slurm.py", "test_profile_pancollection.py", "test_train_loop.py",
+                 "test_tracking.py", "test_evaluate.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

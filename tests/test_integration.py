@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,18 +72,24 @@ def copy_worktree(dst: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The working tree (tracked + untracked, not ignored) copied into a fresh git repo."""
-    dst = tmp_path_factory.mktemp("proj")
+def make_project(dst: Path, profile: Callable[[dict], dict] = tiny) -> dict[str, str]:
+    """The working tree copied into ``dst`` as a fresh git repo, params.yaml edited by ``profile`` (default the
+    CI profile, :func:`tiny`) and dvc.yaml regenerated from it; the environment to run it in."""
     env = copy_worktree(dst)
-    params = tiny(yaml.safe_load((dst / "params.yaml").read_text()))
+    params = profile(yaml.safe_load((dst / "params.yaml").read_text()))
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _sh([sys.executable, "-m", "bnnpan.cli", "dag", "write"], dst, env)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-qm", "x"]):
         _sh(cmd, dst, env)
-    return dst, env
+    return env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The working tree (tracked + untracked, not ignored) copied into a fresh git repo."""
+    dst = tmp_path_factory.mktemp("proj")
+    return dst, make_project(dst)
 
 
 def test_run_then_dvc_repro_is_a_no_op(project):

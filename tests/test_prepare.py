@@ -252,13 +252,17 @@ def test_code_version_names_the_prepare_code_not_the_commit():
     that code alone must leave the files byte-identical (else every profile run re-prepares and retrains)."""
     import subprocess
 
-    from bnnpan.data.prepare import code_version
-    from bnnpan.pipeline.stages import IMPORT_CODE, PREPARE_CODE
+    from bnnpan.codedeps import closure
+    from bnnpan.data.prepare import PREPARE_MODULE, code_version
 
+    code = closure([PREPARE_MODULE])
     v = code_version()
-    assert v == code_version(PREPARE_CODE) == code_version(list(reversed(PREPARE_CODE)))  # order-free
+    assert v == code_version(code) == code_version(list(reversed(code)))  # order-free
     assert v.startswith("bnnpan ") and "prepare code" in v
-    assert code_version(IMPORT_CODE) != v and code_version(PREPARE_CODE[:-1]) != v
+    assert code_version(code[:-1]) != v
+    # the Wald code and the PanCollection import are in the digest; the model code and MLflow logging are not
+    assert {"bnnpan/data/wald.py", "bnnpan/data/pancollection.py"} <= set(code)
+    assert not any(f.startswith("bnnpan/models/") for f in code) and "bnnpan/tracking.py" not in code
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     assert not head or head not in v

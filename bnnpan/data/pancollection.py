@@ -82,7 +82,6 @@ from bnnpan.data.hdf5io import write_h5
 from bnnpan.data.prepare import check_test_tiles, code_version
 from bnnpan.data.scene import SceneError, check_radiometry, likely_bits, resolve_scale, sha256_file
 from bnnpan.data.sources import mat_bits, mat_string
-from bnnpan.pipeline.stages import IMPORT_CODE
 from bnnpan.sensors import Sensor, get_sensor, sensor_from_alias
 
 log = logging.getLogger(__name__)
@@ -499,7 +498,7 @@ def _import(params: Params, cfg: PanCollectionDataset, dataset: str, out_dir: Pa
     common = {
         "sensor": sensor.name, "ratio": ratio, "scale": scale, "bands": list(bands),
         "rgb": list(sensor.rgb_indices(tuple(bands)) or []), "scenes": names,
-        "crs": dict.fromkeys(names), "code_version": code_version(IMPORT_CODE), "dataset": dataset,
+        "crs": dict.fromkeys(names), "code_version": code_version(), "dataset": dataset,
         "settings": settings,
         "value_unit": "DN (divide by scale)", "provenance": PROVENANCE,
     }

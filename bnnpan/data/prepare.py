@@ -397,20 +397,24 @@ def check_test_tiles(rr: int, fr: int, params: Params, what: str) -> None:
                          f"{block} x {block} blocks (evaluate.block)")
 
 
+PREPARE_MODULE = "bnnpan/data/prepare.py"  # this file, the root of the prepared data's code digest
+
+
 def code_version(files: Sequence[str] | None = None) -> str:
     """The package version and a digest of the code that writes prepared data (provenance), e.g.
     ``bnnpan 0.1.0 (prepare code 3f2a9c1e04b7)``.
 
-    The digest is the sha256 of the stage's code files (``files``, default the ``prepare`` stage's deps,
-    :data:`bnnpan.pipeline.stages.PREPARE_CODE`), not the git commit: a commit that does not touch that code
+    The digest is the sha256 of the code that writes the files (``files``, default this module and what it
+    imports, transitively: :func:`bnnpan.codedeps.closure`; not the CLI's MLflow logging), not the git commit:
+    a commit that does not touch that code
     leaves the prepared files byte-identical, so re-running ``prepare`` (a profile run, ``dvc repro``) does not
     look like new data to DVC, Snakemake or the training digests, and nothing retrains for nothing.
     """
-    from bnnpan.pipeline.stages import PREPARE_CODE
+    from bnnpan.codedeps import closure
 
     root = Path(bnnpan.__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for f in sorted(files if files is not None else PREPARE_CODE):
+    for f in sorted(files if files is not None else closure([PREPARE_MODULE])):
         path = root / f
         h.update(f.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"(missing)") + b"\0")
     return f"bnnpan {bnnpan.__version__} (prepare code {h.hexdigest()[:12]})"

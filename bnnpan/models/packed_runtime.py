@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 ENV_DISABLE = "BNNPAN_PACKED"  #: "0" / "false" / "off": never use the extension (the float fallback)
 ENV_DIR = "BNNPAN_EXT_DIR"  #: where the compiled extension is cached
+#: non-Python code this module runs (relative to it): the stages that import it depend on it (bnnpan/codedeps.py)
+CODE_FILES = ("csrc/binconv.cpp",)
 _SOURCE = Path(__file__).with_name("csrc") / "binconv.cpp"
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 

@@ -19,37 +19,12 @@ from typing import Any
 
 import yaml
 
+from bnnpan.codedeps import code_deps
 from bnnpan.config import PanCollectionDataset, Params, run_name
 from bnnpan.report import FP_METHOD, SUBBAND_METHODS, comparisons_due, is_binary
 
-# Code each stage depends on (DVC re-runs a stage when these change; .dvcignore drops caches).
-FETCH_CODE = ["bnnpan/data/sources.py", "bnnpan/data/landsat.py", "bnnpan/data/stac.py",
-              "bnnpan/data/download.py", "bnnpan/data/scene.py", "bnnpan/sensors.py"]
-PREPARE_CODE = ["bnnpan/data/prepare.py", "bnnpan/data/wald.py", "bnnpan/data/hdf5io.py",
-                "bnnpan/data/scene.py", "bnnpan/sensors.py", "bnnpan/eval/metrics_rr.py"]
-# A `source: pancollection` dataset is imported, not prepared from scenes (bnnpan/data/pancollection.py).
-IMPORT_CODE = ["bnnpan/data/pancollection.py", "bnnpan/data/prepare.py", "bnnpan/data/hdf5io.py",
-               "bnnpan/data/scene.py", "bnnpan/data/sources.py", "bnnpan/data/download.py", "bnnpan/sensors.py",
-               "bnnpan/eval/metrics_rr.py"]
-EVALUATE_CODE = ["bnnpan/eval/evaluate.py", "bnnpan/eval/metrics_rr.py", "bnnpan/eval/metrics_fr.py",
-                 "bnnpan/models/registry.py", "bnnpan/models/classical.py", "bnnpan/data/wald.py",
-                 "bnnpan/environment.py"]
-REPORT_CODE = ["bnnpan/report/__init__.py", "bnnpan/report/build.py", "bnnpan/report/load.py",
-               "bnnpan/report/runs.py", "bnnpan/report/subbands.py", "bnnpan/report/stats.py",
-               "bnnpan/report/tables.py", "bnnpan/report/latex.py", "bnnpan/report/figures.py"]
-TRAIN_CODE = ["bnnpan/train/loop.py", "bnnpan/train/run.py", "bnnpan/data/datasets.py", "bnnpan/models/networks.py",
-              "bnnpan/models/backbone.py", "bnnpan/models/layers.py", "bnnpan/models/binarizers.py",
-              "bnnpan/environment.py"]
-BNNPAN_CODE = ["bnnpan/models/bnnpan.py", "bnnpan/models/pibf.py", "bnnpan/models/prior.py",
-               "bnnpan/models/wavelet.py", "bnnpan/models/imagestats.py"]
-PRIOR_CODE = TRAIN_CODE + BNNPAN_CODE + ["bnnpan/train/prior.py"]
-CHECK_CODE = ["bnnpan/config.py", "bnnpan/sensors.py", "bnnpan/pipeline/stages.py"]
-NETWORK_EVAL_CODE = ["bnnpan/models/checkpoint.py", "bnnpan/eval/cost.py"]
-# Reading an exported file (fuse --model) needs the first of these; writing it (export) all of them.
-LOAD_EXPORTED_CODE = ["bnnpan/deploy/export.py", "bnnpan/models/packing.py", "bnnpan/models/checkpoint.py"]
-EXPORT_CODE = LOAD_EXPORTED_CODE + ["bnnpan/train/run.py", "bnnpan/tracking.py"]
-FUSE_CODE = ["bnnpan/deploy/fuse.py", "bnnpan/data/wald.py", "bnnpan/data/scene.py", "bnnpan/models/registry.py",
-             "bnnpan/models/classical.py", "bnnpan/sensors.py", "bnnpan/atomic.py"]
+# Each stage's code deps (the package modules its command can run) are derived from the import graph
+# (bnnpan/codedeps.py) and put first in its deps by build_stages: no hand-written module lists to forget.
 
 
 @dataclass(frozen=True)
@@ -68,6 +43,8 @@ class Stage:
     persist: tuple[str, ...] = ()  # outs DVC must not delete before running the stage
     order_only: tuple[str, ...] = ()  # deps whose mtime Snakemake ignores (ancient()); DVC tracks them as usual
     param_digest: str = ""  # sha256 of the values of `params` (Snakemake's params rerun trigger)
+    # What a job of this stage asks a cluster for (Snakemake resources: mem_mb, runtime, cpus_per_task, gpu; the
+    # SLURM executor turns them into sbatch options). Set from the stage's kind by :func:`cluster_resources`.
     resources: dict[str, Any] = field(default_factory=dict)
     # Cores the stage keeps busy: params' ``threads`` for the torch stages (None: every core, what ``threads:
     # null`` means), 1 for the rest. Snakemake's ``threads:`` and the local executor's core budget, so
@@ -78,6 +55,9 @@ class Stage:
     # other trainings instead of after them. Then the other trainings (1), so the short evaluate jobs fill the
     # cores at the end instead of holding back a training that would end last.
     priority: int = 0
+    # Runs on the submitting host, not as a cluster job (Snakemake's ``localrule``): the params check takes a second,
+    # a cluster job for it a queue wait and a job start on the DAG's critical path.
+    local: bool = False
     desc: str = ""
 
     @property
@@ -93,7 +73,37 @@ def build_stages(params: Params) -> list[Stage]:
     `bnnpan run` never records outputs made with other params.
     """
     stages = _build(params)
-    return [replace(s, param_digest=_digest(params, s.params)) for s in stages]
+    return [replace(s, param_digest=_digest(params, s.params), resources=cluster_resources(params, s))
+            for s in stages]
+
+
+#: Per stage kind (the ``bnnpan`` subcommand): memory in MB and wall time in minutes a cluster job asks for. Sized
+#: for the CPU profile with room to spare (a train job of params.yaml peaks well under 2 GB); a site or the paper
+#: profile raises them in its Snakemake profile (``set-resources``), never per dataset or method here.
+KIND_RESOURCES: dict[str, tuple[int, int]] = {
+    "check": (1000, 10), "fetch": (2000, 60), "prepare": (4000, 60), "pretrain-prior": (4000, 240),
+    "train": (4000, 240), "evaluate": (4000, 60), "export": (2000, 30), "fuse": (4000, 60), "report": (2000, 30),
+}
+#: CPUs of a torch stage whose ``threads`` is null ("every core"): a cluster job needs a number.
+DEFAULT_CLUSTER_CPUS = 4
+
+
+def cluster_resources(params: Params, stage: Stage) -> dict[str, Any]:
+    """The cluster resources of ``stage``, from its kind, so a new dataset, method or seed needs no profile edit.
+
+    ``cpus_per_task`` is the stage's ``threads`` (what it keeps busy). A GPU goes to every stage that runs torch on
+    ``device`` (those whose params include ``device``: pretrain, train, and the evaluate/fuse of a network) when that
+    device is CUDA: such a job started without one would fail at its first tensor. A DDP training
+    (``train.methods.<m>.ranks``) gets its CPUs, memory and GPUs once per rank.
+    """
+    kind = stage.cmd[1]
+    mem_mb, runtime = KIND_RESOURCES[kind]
+    ranks = params.train.ranks(stage.cmd[stage.cmd.index("--method") + 1]) if kind == "train" else 1
+    res: dict[str, Any] = {"mem_mb": mem_mb * ranks, "runtime": runtime,
+                           "cpus_per_task": stage.threads or DEFAULT_CLUSTER_CPUS * ranks}
+    if "device" in stage.params and params.device.startswith("cuda"):
+        res["gpu"] = ranks
+    return res
 
 
 def _digest(params: Params, keys: tuple[str, ...]) -> str:
@@ -121,11 +131,12 @@ def _build(params: Params) -> list[Stage]:
     stages: list[Stage] = [Stage(
         name="check_params",
         cmd=("bnnpan", "check"),
-        deps=("params.yaml", *CHECK_CODE),
+        deps=("params.yaml",),
         params=(),
         outs=(stamp,),
         persist=(stamp,),
-        order_only=("params.yaml", *CHECK_CODE),
+        order_only=("params.yaml",),  # and its code (build_stages)
+        local=True,
         desc="validate params.yaml (and that dvc.yaml matches it) before any stage removes its outputs",
     )]
     for name, scene in params.scenes.items():
@@ -137,7 +148,7 @@ def _build(params: Params) -> list[Stage]:
         stages.append(Stage(
             name=f"fetch_{name}",
             cmd=("bnnpan", "fetch", "--scene", name),
-            deps=tuple(FETCH_CODE + local),
+            deps=tuple(local),
             params=(f"scenes.{name}",),
             outs=(f"{p.raw}/{name}",),
             dirs=(f"{p.raw}/{name}",),
@@ -151,7 +162,7 @@ def _build(params: Params) -> list[Stage]:
             stages.append(Stage(
                 name=f"prepare_{name}",
                 cmd=("bnnpan", "prepare", "--dataset", name),
-                deps=tuple(IMPORT_CODE + files),
+                deps=tuple(files),
                 params=(f"datasets.{name}",),
                 outs=(f"{p.prepared}/{name}",),
                 dirs=(f"{p.prepared}/{name}",),
@@ -161,7 +172,7 @@ def _build(params: Params) -> list[Stage]:
         stages.append(Stage(
             name=f"prepare_{name}",
             cmd=("bnnpan", "prepare", "--dataset", name),
-            deps=tuple(PREPARE_CODE + [f"{p.raw}/{s}" for s in ds.scenes]),
+            deps=tuple(f"{p.raw}/{s}" for s in ds.scenes),
             params=(f"datasets.{name}",),
             outs=(f"{p.prepared}/{name}",),
             dirs=(f"{p.prepared}/{name}",),
@@ -169,8 +180,6 @@ def _build(params: Params) -> list[Stage]:
         ))
     trained = params.trained()
     _check_networks(sorted({params.network_of(m) for _, m in trained}))
-    from bnnpan.models.bnnpan import VARIANTS
-
     prior_methods = set(params.prior_methods())
     seeds = list(params.train.seeds)
     # One stage per (dataset, seed) for the prior and per (dataset, method, seed) for train and evaluate. The seed
@@ -182,32 +191,30 @@ def _build(params: Params) -> list[Stage]:
             stages.append(Stage(
                 name=f"pretrain_prior_{ds}{run_name('', seed)}",
                 cmd=("bnnpan", "pretrain-prior", "--dataset", ds, "--seed", str(seed)),
-                deps=tuple(PRIOR_CODE + [f"{p.prepared}/{ds}"]),
+                deps=(f"{p.prepared}/{ds}",),
                 params=("device", "threads", "model", "train.defaults", "prior"),
                 outs=(f"{p.models}/{ds}/{s1}.pt", f"{p.models}/{ds}/{s2}.pt"),
                 plots=(f"{p.models}/{ds}/{s1}_curve.csv", f"{p.models}/{ds}/{s2}_curve.csv"),
-                resources={"train": 1},
                 threads=params.threads,
                 priority=2,
                 desc=f"pretrain BNNPan's latent diffusion prior on {ds}, seed {seed} (E1 + oracle net, then E2 + "
                      "denoiser)",
             ))
     for ds, method in trained:
-        family = params.network_of(method) in VARIANTS
         for seed in seeds:
             run = run_name(method, seed)
             ckpt = f"{p.models}/{ds}/{run}.pt"
             stages.append(Stage(
                 name=f"train_{ds}_{run}",
                 cmd=("bnnpan", "train", "--dataset", ds, "--method", method, "--seed", str(seed)),
-                deps=tuple(TRAIN_CODE + (BNNPAN_CODE if family else []) + [f"{p.prepared}/{ds}"]
-                           + ([f"{p.models}/{ds}/{run_name('prior', seed)}.pt"] if method in prior_methods else [])),
+                deps=(f"{p.prepared}/{ds}",
+                      *([f"{p.models}/{ds}/{run_name('prior', seed)}.pt"] if method in prior_methods else [])),
                 params=("device", "threads", "model", "train.defaults", f"train.methods.{method}",
                         *(("prior",) if method in prior_methods else ())),
                 outs=(ckpt,),
                 plots=(f"{p.models}/{ds}/{run}_curve.csv",),
-                resources={"train": 1},
-                threads=params.threads,
+                # a DDP training (train.methods.<m>.ranks) runs `threads` in each of its processes
+                threads=params.threads * params.train.ranks(method) if params.threads else None,
                 priority=2 if method in prior_methods else 1,
                 desc=f"train {method} on {ds}, seed {seed} (the one training loop; resumes from {ckpt[:-3]}.ckpt)",
             ))
@@ -218,14 +225,12 @@ def _build(params: Params) -> list[Stage]:
         run = run_name(method, seed)
         out = f"{p.reports}/{ds}/{run}"
         network = method in params.train.methods
-        extra_deps = NETWORK_EVAL_CODE + [f"{p.models}/{params.models_dataset(ds)}/{run}.pt"] if network else []
-        if network and params.network_of(method) in VARIANTS:
-            extra_deps += BNNPAN_CODE
+        extra_deps = [f"{p.models}/{params.models_dataset(ds)}/{run}.pt"] if network else []
         stages.append(Stage(
             name=f"evaluate_{ds}_{run}",
             cmd=("bnnpan", "evaluate", "--dataset", ds, "--method", method,
                  *(("--seed", str(seed)) if network else ())),
-            deps=tuple(EVALUATE_CODE + extra_deps + [f"{p.prepared}/{ds}"]),
+            deps=(*extra_deps, f"{p.prepared}/{ds}"),
             # threads (and a network's device) are recorded in metrics.json's environment block
             params=(*(("device",) if network else ()), "threads", "evaluate.border_cut", "evaluate.block",
                     "evaluate.save_fused"),
@@ -252,7 +257,7 @@ def _build(params: Params) -> list[Stage]:
         stages.append(Stage(
             name="report",
             cmd=("bnnpan", "report"),
-            deps=tuple(REPORT_CODE + report_deps + [f"{p.prepared}/{d}" for d in datasets]
+            deps=tuple(report_deps + [f"{p.prepared}/{d}" for d in datasets]
                        + list(dict.fromkeys(f"{p.raw}/{d.scene}" for d in params.deploy))),
             params=("report", "train.seeds"),
             outs=tables_out,
@@ -264,7 +269,10 @@ def _build(params: Params) -> list[Stage]:
             uncached=tables_out,
             desc="summary.md, metrics.csv, metrics_tiles.csv, LaTeX tables and figures for every evaluated method",
         ))
-    return [stages[0], *(replace(s, deps=(*s.deps, stamp), order_only=(stamp,)) for s in stages[1:])]
+    stages = [replace(s, deps=tuple(dict.fromkeys((*code_deps(s.cmd), *s.deps)))) for s in stages]
+    # the params check's code is order-only too (see workflow/rules/stages.smk), like params.yaml
+    check = replace(stages[0], order_only=stages[0].deps)
+    return [check, *(replace(s, deps=(*s.deps, stamp), order_only=(stamp,)) for s in stages[1:])]
 
 
 def _deploy_stages(params: Params, stages: list[Stage]) -> list[str]:
@@ -278,7 +286,7 @@ def _deploy_stages(params: Params, stages: list[Stage]) -> list[str]:
         name = params.deploy_name(dep)
         out = f"{p.deploy}/{name}.tif"
         cmd = ["bnnpan", "fuse", "--scene", dep.scene, "--method", dep.method, "--tile", str(dep.tile), "--out", out]
-        deps = [*FUSE_CODE, f"{p.raw}/{dep.scene}"]
+        deps = [f"{p.raw}/{dep.scene}"]
         network = dep.method in params.train.methods
         if network:
             assert dep.dataset is not None  # Params._check_deploy
@@ -290,15 +298,15 @@ def _deploy_stages(params: Params, stages: list[Stage]) -> list[str]:
                     name=f"export_{dep.dataset}_{run}",
                     cmd=("bnnpan", "export", "--dataset", dep.dataset, "--method", dep.method, "--seed",
                          str(dep.seed), "--out", model),
-                    deps=tuple(EXPORT_CODE + [f"{p.models}/{dep.dataset}/{run}.pt", f"{p.prepared}/{dep.dataset}",
-                                              f"{p.reports}/{dep.dataset}/{run}/metrics.json"]),
+                    deps=(f"{p.models}/{dep.dataset}/{run}.pt", f"{p.prepared}/{dep.dataset}",
+                          f"{p.reports}/{dep.dataset}/{run}/metrics.json"),
                     params=(),
                     outs=(model,),
                     desc=f"{dep.method} (seed {dep.seed}) trained on {dep.dataset} as a packed 1-bit safetensors file, "
                          f"registered in MLflow as bnnpan-{dep.dataset}-{dep.method}",
                 ))
             cmd += ["--model", model, "--dataset", dep.dataset]
-            deps += [*LOAD_EXPORTED_CODE, model]
+            deps.append(model)
         stages.append(Stage(
             name=f"fuse_{name}",
             cmd=tuple(cmd),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ def train_method(params: Params, dataset: str, method: str, *, seed: int | None 
                         ratio=int(attrs["ratio"]), extra=params.network_extra(method),
                         zero_init_tail=params.model.zero_init_tail)
     recipe = params.train.resolved(method)
-    tcfg = TrainConfig(seed=seed, **recipe)
+    tcfg = TrainConfig(seed=seed, **{k: v for k, v in recipe.items() if k != "ranks"})  # ranks: how many processes
+    if int(os.environ.get("RANK", "0")) != 0:
+        track = False  # under torchrun, rank 0 alone logs the run to MLflow (the loop writes files on rank 0 only)
     prior_path = prior_file(params, dataset, seed) if method in params.prior_methods() else None
     if prior_path is not None and not prior_path.is_file():
         raise CheckpointError(f"{prior_path}: {method} needs the pretrained latent prior; run "

@@ -41,6 +41,8 @@ def _stage_rule(stage):
         # stages at once as the cores hold
         threads: stage.threads or workflow.cores
         priority: stage.priority
+        # the params check runs on the submit host under a cluster executor (Stage.local)
+        localrule: stage.local
         resources:
             **stage.resources,
         shell:
