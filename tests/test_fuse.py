@@ -272,7 +272,13 @@ def test_a_prepared_test_fr_tiles_window_fuses_to_what_evaluate_fused(prepared_l
         windows = f["window"][:]
     assert len(windows) == 2
     for method in ("mtf_glp_hpm", "bbcu"):  # bbcu: models/<its dataset>/bbcu.pt, as `--method bbcu` finds it
-        evaluate_method(p, prepared_landsat.name, method)
+        metrics = evaluate_method(p, prepared_landsat.name, method)
+        if method == "bbcu":  # the report's "ms/tile": packed 1-bit runtime and float simulation, measured
+            from bnnpan.models.packed_runtime import available
+
+            measured = metrics["network_cost"]["measured"]
+            assert measured["float_ms"] > 0 and measured["rounds"] == 5 and measured["threads"] >= 1
+            assert (measured["packed_ms"] is not None and measured["packed_ms"] > 0) == available()
         for i, (r, c, h, w) in enumerate(windows):
             out = tmp_path / f"{method}_{i}.tif"
             res = fz.run_fuse(p, out=out, scene="l8", method=method, window=(int(r), int(c), int(h), int(w)),

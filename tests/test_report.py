@@ -355,8 +355,8 @@ def test_report_is_deterministic_and_holds_no_timing(built, tmp_path):
         assert paths[key].read_bytes() == path.read_bytes(), key
     summary = (built["reports"] / "summary.md").read_text()
     csv_text = (built["reports"] / "metrics.csv").read_text()
-    for text in (summary, csv_text.splitlines()[0]):
-        assert "latency" not in text and "ms/tile" not in text
+    for text in (summary, csv_text.splitlines()[0]):  # timing.json's per-tile times stay out of the report
+        assert "latency" not in text and "6.25" not in text
     for d in ("wv2", "landsat8"):
         png = (built["reports"] / "figures" / f"{d}_metrics.png").read_bytes()
         assert b"Matplotlib" not in png and b"tEXt" not in png  # no Software (version) or date chunk
@@ -370,3 +370,18 @@ def test_metrics_of_an_older_layout_is_a_clear_error(built, tmp_path):
     (old / "metrics.json").write_text(json.dumps({**flat, "latency_ms": {"reduced": 1.0, "full": 2.0}}))
     with pytest.raises(ValueError, match=r"blur[/\\]metrics\.json: no `indices` group.*re-run `bnnpan evaluate`"):
         build_report([("wv2", "blur")], reports_dir=reports, prepared_dir=built["prepared"])
+
+
+def test_cost_columns_show_the_measured_ms_per_tile_beside_the_theoretical_cost():
+    from bnnpan.report.tables import _cost_cells, results_table
+
+    cost = {"64": {"ops": 2.5e6}, "256": {"ops": 4.0e7, "params_equiv": 12_300},
+            "file": {"packed_bytes": 30_000, "fp32_bytes": 600_000},
+            "measured": {"tile": "128x128", "threads": 2, "rounds": 5, "packed_ms": 8.25, "float_ms": 31.0}}
+    assert _cost_cells(cost) == ["12.3", "2.5 / 40.0", "30.0 / 600.0", "8.2 / 31"]
+    no_kernel = {**cost, "measured": {**cost["measured"], "packed_ms": None}}  # extension not built: float only
+    assert _cost_cells(no_kernel)[-1] == "n/a / 31"
+    assert _cost_cells({k: v for k, v in cost.items() if k != "measured"})[-1] == "n/a"  # an older metrics.json
+    assert _cost_cells(None) == ["—"] * 4  # a classical method
+    head = results_table([], {}, {})[0]
+    assert head.endswith("| Params (K eq.) | OPs (M) 64² / 256² | packed / FP32 file (kB) | ms/tile packed / float |")

@@ -97,17 +97,24 @@ def md(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _ms(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.0f}" if float(v) >= 10 else f"{float(v):.1f}"
+
+
 def _cost_cells(cost: dict[str, Any] | None) -> list[str]:
-    """Params = binary/32 + FP (thousands); OPs = BOPs/64 + FLOPs (millions) at 64² and 256² inputs."""
+    """Params = binary/32 + FP (thousands); OPs = BOPs/64 + FLOPs (millions) at 64² and 256² inputs; the file
+    sizes; the measured ms per test tile, packed 1-bit runtime / float simulation (evaluate's measurement)."""
     if not cost:
-        return ["—", "—", "—"]
+        return ["—", "—", "—", "—"]
     small, big, file = cost.get("64") or {}, cost.get("256") or {}, cost.get("file") or {}
     params = num(big.get("params_equiv"))
     ops = [num(c.get("ops")) for c in (small, big)]
     sizes = [num(file.get(k)) for k in ("packed_bytes", "fp32_bytes")]
+    measured = cost.get("measured") or {}
+    timing = (f"{_ms(measured.get('packed_ms'))} / {_ms(measured.get('float_ms'))}" if measured else "n/a")
     return ["n/a" if params is None else f"{params / 1e3:.1f}",
             " / ".join("n/a" if v is None else f"{v / 1e6:.1f}" for v in ops),
-            " / ".join("n/a" if v is None else f"{v / 1e3:.1f}" for v in sizes)]
+            " / ".join("n/a" if v is None else f"{v / 1e3:.1f}" for v in sizes), timing]
 
 
 def results_table(methods: list[str], results: dict[str, dict[str, Any]], best: dict[str, set[str]],
@@ -116,7 +123,7 @@ def results_table(methods: list[str], results: dict[str, dict[str, Any]], best: 
     bold), then the cost columns."""
     indices = METRICS if indices is None else indices
     head = (["Method", "Kind"] + [f"{label} {arrow(up)}" for _, label, up in indices]
-            + ["Params (K eq.)", "OPs (M) 64² / 256²", "packed / FP32 file (kB)"])
+            + ["Params (K eq.)", "OPs (M) 64² / 256²", "packed / FP32 file (kB)", "ms/tile packed / float"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(head) - 2)) + "|"]
     for m in methods:
         r = results[m]
@@ -353,9 +360,13 @@ computed, and Q, Q2n, D_λ and D_s are averaged over **32 x 32 blocks**. For net
 columns count per layer (forward hooks) as BNN papers do: Params = binary params / 32 + FP
 params (thousands of FP32-equivalent parameters), OPs = BOPs / 64 + FLOPs (millions) for a
 64 x 64 and a 256 x 256 input, and the real size of the network file with its binary weights
-packed 8 per byte against the FP32 state_dict; classical methods show —. Fusion times depend on
-the machine and change from run to run, so they are not in this report: each method's
-`timing.json` beside its `metrics.json`, and its MLflow run, have them. Under each table, "Best
+packed 8 per byte against the FP32 state_dict; classical methods show —. Beside that theoretical
+cost, "ms/tile" is measured: the milliseconds per reduced-resolution test tile of the network with
+its binary convs on the packed 1-bit kernels (XNOR + popcount) / on the float simulation, timed by
+`evaluate` on one tile, interleaved, median of 5, at the stage's thread count (in `metrics.json`,
+`network_cost.measured`). A measurement on the machine that ran the DAG, not a property of the
+method: it changes from run to run (`python bench/infer.py` compares the runtimes more carefully);
+per-tile fusion times of the whole test set are in each method's `timing.json` and MLflow run. Under each table, "Best
 binary method" names the binary network that ranks first on Q2n and on ERGAS when its lead over
 the runner-up is significant by the same test, and says "tied within noise (n pairs)" otherwise
 (the bold marks are usually won by the full-precision `fp`; the `bnnpan_*` ablations are left out
