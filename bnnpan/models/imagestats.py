@@ -62,10 +62,12 @@ def _moments(x: Tensor, var: bool) -> tuple[Tensor, Tensor | None]:
             return m, v
         return x.mean(dim=(2, 3), keepdim=True), None
     xd = x.double()
-    if var:
-        v, m = torch.var_mean(xd, dim=(2, 3), keepdim=True, correction=0)
-        return m.to(x.dtype), v.to(x.dtype)
-    return xd.mean(dim=(2, 3), keepdim=True).to(x.dtype), None
+    m = xd.mean(dim=(2, 3), keepdim=True)
+    if not var:
+        return m.to(x.dtype), None
+    # two passes (the mean, then the norm of the deviations): exact as var_mean's Welford, several times faster
+    v = torch.linalg.vector_norm(xd - m, dim=(2, 3), keepdim=True).square_().div_(x.shape[2] * x.shape[3])
+    return m.to(x.dtype), v.to(x.dtype)
 
 
 @dataclass
