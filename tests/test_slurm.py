@@ -1,7 +1,8 @@
 """The cluster path on a real one-node SLURM (.ci/slurm.sh: slurmctld + slurmd + munge on this machine).
 
-* A small profile of the CI DAG (fetch, prepare, fp + BNN, one classical method, evaluate, report) runs
-  through ``snakemake --profile profiles/slurm`` (``bnnpan run --profile profiles/slurm``: every job goes through
+* The CI profile's whole DAG (tests/test_integration.py's ``tiny``: every stage kind, the prior, BNNPan, export and
+  the tiled fuse included) runs through ``snakemake --profile profiles/slurm``
+  (``bnnpan run --profile profiles/slurm``: every job goes through
   ``sbatch``), then ``dvc commit``; ``dvc status`` and ``snakemake -n`` have nothing to do, and every metric equals
   that of a local run of the same profile (run beside it, on the cores the cluster jobs leave idle while they wait).
 * A training job cancelled with ``scancel`` between checkpoints and submitted again resumes to the same weights as an
@@ -24,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -36,23 +38,11 @@ WORKER = REPO / "tests" / "ddp_worker.py"
 REQUIRE_ENV = "BNNPAN_REQUIRE_SLURM"
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(1500)]
 
-#: The SLURM DAG: the smallest still meaningful: fetch, prepare, the FP network and a binary one trained side by side,
-#: a classical method, their evaluations, the report. Each job costs ~30 s here (a Snakemake and a bnnpan start),
-#: so the prior (and BNNPan reading it: two more jobs on the critical path) and the deploy stages are left to the
-#: local integration test: the executor treats them like any other job, and their resources come from the same
-#: stage list (tests/test_pipeline.py::test_cluster_resources_come_from_the_stage_kind_and_params).
-SLURM_NETWORKS = ("fp", "bnn")
-SLURM_CLASSICAL = ("exp",)
-
-
-def small(params: dict) -> dict:
-    """The CI profile (:func:`tests.test_integration.tiny`) cut down to :data:`SLURM_NETWORKS` and
-    :data:`SLURM_CLASSICAL`, without the deploy entries. Same settings per method, so same results as there."""
-    params = tiny(params)
-    params["train"]["methods"] = {m: params["train"]["methods"][m] for m in SLURM_NETWORKS}
-    params["evaluate"]["methods"] = list(SLURM_CLASSICAL)
-    params["deploy"] = []
-    return params
+#: The SLURM DAG is the CI profile's whole DAG (:func:`tests.test_integration.tiny`: fetch, prepare, the prior, four
+#: networks and two BNNPan ablations, two classical methods, their evaluations, export + the tiled fuse of the
+#: deployed BNNPan, the report), run beside a local run of the same profile on the cores the cluster jobs leave idle
+#: while they wait (each job costs ~30 s here: a Snakemake and a bnnpan start).
+PROFILE = tiny
 
 
 def _unavailable() -> str | None:
@@ -118,10 +108,10 @@ def _wait_group(proc: subprocess.Popen, what: str, timeout: float) -> str:
 
 @pytest.fixture(scope="module")
 def dags(cluster, tmp_path_factory):
-    """The small profile run twice: through SLURM and, beside it, locally. ``(slurm root, env, output, local root,
+    """The CI profile run twice: through SLURM and, beside it, locally. ``(slurm root, env, output, local root,
     seconds the SLURM run took)``."""
     roots = {k: tmp_path_factory.mktemp(f"proj_{k}") for k in ("slurm", "local")}
-    envs = {k: make_project(root, small) for k, root in roots.items()}
+    envs = {k: make_project(root, PROFILE) for k, root in roots.items()}
     env = {**envs["slurm"], **{k: v for k, v in cluster.items() if k.startswith(("BNNPAN_SLURM", "SLURM"))}}
     env.pop("SLURM_CONF", None)
     # The jobs run snakemake and `bnnpan` again on the node: sbatch exports this environment (--export=ALL), so
@@ -173,17 +163,25 @@ def test_slurm_metrics_equal_the_local_run(dags):
     root, _, _, local, _ = dags
     files = [Path(next(iter(m))) for st in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].values()
              for m in st.get("metrics", [])]
-    assert {f.parts[-2] for f in files} == {*SLURM_NETWORKS, *SLURM_CLASSICAL}
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    networks, classical = list(params["train"]["methods"]), list(params["evaluate"]["methods"])
+    assert {f.parts[-2] for f in files} == {*networks, *classical} and "bnnpan" in networks
     for f in files:
         a, b = (json.loads((r / f).read_text())["indices"] for r in (root, local))
         assert a == b, f
     import torch
 
-    for m in SLURM_NETWORKS:  # and the very same weights
-        a, b = (torch.load(r / f"models/landsat8/{m}.pt", map_location="cpu", weights_only=False)
-                for r in (root, local))
-        wa, wb = (x.get("model", x) for x in (a, b))
+    from bnnpan.models.checkpoint import load_checkpoint
+
+    for m in networks:  # and the very same weights
+        wa, wb = (load_checkpoint(r / f"models/landsat8/{m}.pt")["model"] for r in (root, local))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), m
+    for dep in params["deploy"]:  # the deployed scene, fused in tiles (streamed statistics) in a SLURM job
+        import rasterio
+
+        name = f"{dep['scene']}_{dep['method']}.tif"
+        with rasterio.open(root / "data/deploy" / name) as a, rasterio.open(local / "data/deploy" / name) as b:
+            assert np.array_equal(a.read(), b.read()) and a.transform == b.transform, name
 
 
 def _sbatch(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -246,8 +244,6 @@ def test_a_two_rank_training_in_a_slurm_job_equals_the_single_process_one(dags, 
     """`train.methods.fp.ranks: 2`: `bnnpan train` in one SLURM job (the CPUs and memory its stage asks for) starts
     torchrun with 2 CPU ranks (gloo); its weights equal the DAG's single-process fp up to float summation order
     (tests/test_train_loop.py::test_ddp_two_ranks_equals_single_process explains the 1e-5)."""
-    import torch
-
     from bnnpan.config import load_params
 
     root, env, *_ = dags
@@ -266,8 +262,9 @@ def test_a_two_rank_training_in_a_slurm_job_equals_the_single_process_one(dags, 
     assert state == "COMPLETED", log[-3000:]
     # the command bnnpan started (the console wraps long lines)
     assert "torch.distributed.run --standalone --nproc_per_node=2 -m bnnpan.cli train" in " ".join(log.split())
-    a, b = (torch.load(root / d / "landsat8/fp.pt", map_location="cpu", weights_only=False)["model"]
-            for d in ("models", "models_ddp"))
+    from bnnpan.models.checkpoint import load_checkpoint
+
+    a, b = (load_checkpoint(root / d / "landsat8/fp.pt")["model"] for d in ("models", "models_ddp"))
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"2-rank DDP in SLURM job {jid} vs the DAG's single process: max |dw| = {diff:.3g}")
     assert a.keys() == b.keys() and diff < 1e-5
