@@ -44,7 +44,7 @@ def main() -> None:
     from bnnpan.config import load_params
     from bnnpan.data.datasets import PanDataset
     from bnnpan.models.networks import NetConfig, build_network
-    from bnnpan.train.loop import TrainConfig, optimizer_step
+    from bnnpan.train.loop import TrainConfig, _set_progress, optimizer_step
 
     torch.set_num_threads(args.threads)
     p = load_params(args.params)
@@ -66,10 +66,7 @@ def main() -> None:
             in_channels=channels, width=p.model.width, depth=p.model.depth, ratio=ds.ratio or 4,
             extra=p.network_extra(method)))  # BNNPan: its prior is randomly initialised here (speed only)
         net.train()
-        if hasattr(net, "set_progress") or any(hasattr(m, "set_progress") for m in net.modules()):
-            for m in net.modules():
-                if hasattr(m, "set_progress"):
-                    m.set_progress(0.5)
+        _set_progress(net, 0.5)  # mid-training state of the schedules that depend on it (IR-Net's EDE)
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         bs = cfg.batch_size
         batches = []

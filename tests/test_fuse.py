@@ -307,16 +307,6 @@ def bnnpan_net(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: with more, oneDNN splits some convolutions by the input's size, so a tile's features can
-    differ from the whole image's by float32 rounding and flip binary activations (documented in fuse)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_network_with_whole_image_statistics_is_tiled_exactly(momo, bnnpan_net, tmp_path, one_thread):
     """BNNPan's units are re-centred by per-image statistics and its prior and CDC pool over the image: the tiled
     fusion streams them (one pass per statistic) and equals the single pass (evaluate's NetworkFuser)."""

@@ -10,14 +10,6 @@ from bnnpan.models import imagestats as im
 from bnnpan.models.networks import NetConfig, build_network
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _nudged_bnnpan(depth: int = 2) -> nn.Module:
     torch.manual_seed(0)
     net = build_network("bnnpan", NetConfig(in_channels=3, width=8, depth=depth, ratio=2, zero_init_tail=False))
